@@ -1,0 +1,1 @@
+"""Experiment configs (installed as the package `mirage_configs`): `get_config(arg)` per file."""

@@ -1,0 +1,109 @@
+"""Shared pieces of every experiment config: argument parsing, the training defaults, mesh presets.
+
+A config file's `get_config(arg)` starts from `training_config(size)` and changes only what makes its
+experiment different (big_vision style: two experiments differ by config keys, not code paths). `arg` is
+`"tiny"` or a comma list `"size=7b,mode=..."` (see `parse_arg`).
+
+Every training config has the keys `total_steps`, `batch_size`, `seed`, `checkpoint_every`, `log_every`,
+`mesh` (axis sizes, -1 = fill) and `init_from`, so scripts can drive runs with `--config.total_steps=...`.
+Configs import no jax.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mirage_configs import models
+
+# Mesh presets per accelerator (device kind regex -> axis sizes); `mesh.preset` picks one by name.
+MESH_PRESETS = {
+    "cpu": dict(data=-1, fsdp=1, tensor=1),
+    "gpu": dict(data=1, fsdp=-1, tensor=1),  # FSDP over the GPUs of a node
+    "tpu": dict(data=1, fsdp=-1, tensor=1),  # FSDP over the slice (ICI)
+    "tpu_tp": dict(data=1, fsdp=-1, tensor=4),  # 13B-class: FSDP x 4-way tensor parallel
+}
+
+# Per-size training defaults: (batch_size, learning rate, mesh preset, max sequence length).
+_TRAIN = {
+    "tiny": (64, 1e-3, "cpu", 64),
+    "small": (64, 3e-4, "gpu", 512),
+    "1b": (128, 1e-4, "tpu", 1024),
+    "7b": (128, 2e-5, "tpu", 2048),
+    "13b": (128, 2e-5, "tpu_tp", 2048),
+}
+
+# CLIP image statistics (LLaVA-1.5); the synthetic world uses 0.5 / 0.5.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`"tiny"` or `"size=tiny,steps=10"` -> ConfigDict over `defaults` (typed like the defaults).
+
+  The first entry may omit its name; it then sets the first default (usually `size`).
+  """
+  out = dict(defaults)
+  names = list(defaults)
+  for i, part in enumerate(p for p in (arg or "").split(",") if p):
+    key, sep, value = part.partition("=")
+    if not sep:
+      if i or not names:
+        raise ValueError(f"config argument {part!r} needs a name (key=value)")
+      key, value = names[0], part
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; valid: {', '.join(names)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} must be true or false")
+      out[key] = value.lower() in ("true", "1")
+    else:
+      out[key] = kind(value)
+  return ml_collections.ConfigDict(out)
+
+
+def world_config() -> dict:
+  """The synthetic world's knobs with their defaults (single source: `WorldConfig`)."""
+  from mirage_jax.data.synthetic import WorldConfig  # numpy/PIL only, no jax
+  return WorldConfig().to_dict()
+
+
+def training_config(size: str) -> ml_collections.ConfigDict:
+  """Defaults shared by every training run of one model size (SFT on the synthetic `pretrain` split)."""
+  if size not in _TRAIN:
+    raise ValueError(f"unknown model size {size!r}; valid sizes: {', '.join(_TRAIN)}")
+  batch, lr, preset, max_len = _TRAIN[size]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = batch
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.log_every = 50
+  c.init_from = ""  # a run directory (its latest checkpoint) or a checkpoint step directory
+  c.mesh = ml_collections.ConfigDict(dict(MESH_PRESETS[preset], preset=preset))
+  c.model = models.model_config(size)
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=lr, warmup_steps=50, schedule="cosine", end_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.0, clip_norm=1.0,
+      # Comma-separated regexes over parameter paths ("vision/.*"); matching parameters are frozen.
+      frozen="",
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      name="mirage_synth",
+      data_dir="",  # "" = $MIRAGE_DATA_DIR or ~/.cache/mirage_jax/data
+      path="",  # an already built dataset directory (overrides name/world)
+      world=world_config(),
+      # Streams of training batches: name -> mixture spec ("pretrain", "sft,helpfulness", "a:0.7,b:0.3").
+      streams=ml_collections.ConfigDict(dict(train="pretrain")),
+      prompt_template="USER: <image> {question} ASSISTANT:",
+      max_len=max_len,
+      overflow="error",  # or "truncate" (the answer's tail; counted)
+      image_mean=(0.5, 0.5, 0.5) if size == "tiny" else CLIP_MEAN,
+      image_std=(0.5, 0.5, 0.5) if size == "tiny" else CLIP_STD,
+      cache=True,  # preprocess each split once and keep it in memory
+  ))
+  c.loss = ml_collections.ConfigDict(dict(name="sft", logprob_impl="reference"))
+  c.eval = ml_collections.ConfigDict(dict(every=500, splits="sft", batch_size=batch, max_batches=4))
+  return c

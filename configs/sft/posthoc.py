@@ -1,0 +1,24 @@
+"""Post-hoc safety SFT (VLGuard "Posthoc"): the base model fine-tuned on the VLGuard-like `sft` split plus a
+`helpfulness` sample. Set `--config.init_from=<base run dir>`; without it training starts from scratch.
+
+  mirage train --config=configs/sft/posthoc.py:tiny --workdir=runs/posthoc --config.init_from=runs/base
+"""
+
+from mirage_configs import common
+
+
+def get_config(arg: str | None = None):
+  a = common.parse_arg(arg, size="tiny")
+  c = common.training_config(a.size)
+  c.data.streams.train = "sft,helpfulness"
+  c.optim.frozen = "vision/.*"  # LLaVA stage 2 keeps the vision tower frozen
+  if a.size == "tiny":
+    c.total_steps = 300
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 20
+    c.checkpoint_every = 100
+    c.log_every = 25
+    c.eval.every = 100
+    c.eval.splits = "sft,utility"
+  c.lock()
+  return c

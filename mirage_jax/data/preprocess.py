@@ -1,0 +1,117 @@
+"""Record -> model arrays: chat template, `<image>` expansion, loss mask on answer tokens, image normalisation.
+
+Training rows are `[BOS] prompt answer [EOS] pad...` (right-padded) with `loss_mask` = 1 exactly on the
+answer tokens and the EOS; the prompt's single `<image>` token is expanded to one token per image feature.
+Generation prompts are left-padded so that every row's next token lands in the same KV-cache slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mirage_jax.data.tokenizer import IMAGE, Tokenizer
+
+
+class Overflow(str, enum.Enum):
+  ERROR = "error"  # a sequence longer than max_len is a data error
+  TRUNCATE = "truncate"  # cut the answer's tail (the prompt is never cut); counted
+
+
+class SequenceTooLong(ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFormat:
+  """How a (question, answer) pair becomes tokens."""
+
+  prompt_template: str  # must contain "<image>" and "{question}"
+  max_len: int
+  num_image_tokens: int
+  overflow: str = Overflow.ERROR.value
+  image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+  image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+  def __post_init__(self):
+    if IMAGE not in self.prompt_template or "{question}" not in self.prompt_template:
+      raise ValueError(f"data.prompt_template must contain {IMAGE!r} and '{{question}}', got "
+                       f"{self.prompt_template!r}")
+    Overflow(self.overflow)
+
+  @classmethod
+  def from_config(cls, data: Mapping[str, Any], *, num_image_tokens: int) -> "TextFormat":
+    return cls(prompt_template=data["prompt_template"], max_len=int(data["max_len"]),
+               num_image_tokens=num_image_tokens, overflow=data.get("overflow", "error"),
+               image_mean=tuple(data.get("image_mean", (0.5,) * 3)), image_std=tuple(data.get("image_std", (0.5,) * 3)))
+
+
+def check_template(tok: Tokenizer, fmt: TextFormat) -> None:
+  """The prompt template must tokenize without unknown words (a typo there would silently become <unk>)."""
+  unk = tok.tok.token_to_id("<unk>")
+  probe = fmt.prompt_template.replace("{question}", "")
+  if unk is not None and unk in tok.encode(probe):
+    words = [w for w in probe.split() if tok.tok.token_to_id(w) is None and w != IMAGE]
+    raise ValueError(f"data.prompt_template {fmt.prompt_template!r}: the tokenizer does not know {words}")
+
+
+def _text(x: Any) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def prompt_ids(question: str, tok: Tokenizer, fmt: TextFormat) -> list[int]:
+  """[BOS] + the templated prompt, with `<image>` expanded to `num_image_tokens` image tokens."""
+  ids = tok.encode(fmt.prompt_template.format(question=question))
+  n_img = ids.count(tok.image_id)
+  if n_img != 1:
+    raise ValueError(f"the prompt must contain exactly one {IMAGE} token, found {n_img}: {question!r}")
+  i = ids.index(tok.image_id)
+  return [tok.bos_id] + ids[:i] + [tok.image_id] * fmt.num_image_tokens + ids[i + 1:]
+
+
+def normalize_image(image_hwc: np.ndarray, fmt: TextFormat) -> np.ndarray:
+  x = np.asarray(image_hwc, np.float32) / 255.0
+  return (x - np.asarray(fmt.image_mean, np.float32)) / np.asarray(fmt.image_std, np.float32)
+
+
+def training_example(rec: Mapping[str, Any], tok: Tokenizer, fmt: TextFormat) -> dict[str, np.ndarray]:
+  """tokens / mask / loss_mask [max_len] and the normalised image; `truncated` counts cut answers."""
+  prompt = prompt_ids(_text(rec["question"]), tok, fmt)
+  answer = tok.encode(_text(rec["answer"])) + [tok.eos_id]
+  n = len(prompt) + len(answer)
+  truncated = 0
+  if n > fmt.max_len:
+    if Overflow(fmt.overflow) == Overflow.ERROR or len(prompt) >= fmt.max_len:
+      raise SequenceTooLong(f"record {_text(rec.get('id', '?'))}: {n} tokens (prompt {len(prompt)}) exceed "
+                            f"data.max_len={fmt.max_len}; raise max_len or set data.overflow=truncate")
+    answer = answer[:fmt.max_len - len(prompt)]
+    truncated = 1
+  ids = prompt + answer
+  tokens = np.full((fmt.max_len,), tok.pad_id, np.int32)
+  tokens[:len(ids)] = ids
+  mask = np.zeros((fmt.max_len,), np.int32)
+  mask[:len(ids)] = 1
+  loss_mask = np.zeros((fmt.max_len,), np.int32)
+  loss_mask[len(prompt):len(ids)] = 1
+  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask, "images": normalize_image(rec["image"], fmt),
+          "truncated": np.int32(truncated)}
+
+
+def generation_prompts(records: Sequence[Mapping[str, Any]], tok: Tokenizer, fmt: TextFormat,
+                       length: int | None = None) -> dict[str, np.ndarray]:
+  """Left-padded prompts (tokens, mask, images) for a batch of records."""
+  prompts = [prompt_ids(_text(r["question"]), tok, fmt) for r in records]
+  length = max(map(len, prompts)) if length is None else length
+  tokens = np.full((len(prompts), length), tok.pad_id, np.int32)
+  mask = np.zeros((len(prompts), length), np.int32)
+  for i, p in enumerate(prompts):
+    if len(p) > length:
+      raise SequenceTooLong(f"prompt of {len(p)} tokens exceeds the prompt length {length}")
+    tokens[i, length - len(p):] = p
+    mask[i, length - len(p):] = 1
+  images = np.stack([normalize_image(r["image"], fmt) for r in records])
+  return {"tokens": tokens, "mask": mask, "images": images}

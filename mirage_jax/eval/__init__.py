@@ -1,0 +1,1 @@
+"""Evaluation: teacher-forced scoring, generation-based safety/utility metrics, judges."""

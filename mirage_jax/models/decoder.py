@@ -1,0 +1,131 @@
+"""LLaMA-style decoder: token embedding, RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, untied LM head.
+
+Blocks are created stacked and applied with `lax.scan` (`layers.run_stack`). The scan can be split at any
+layer: `collect` returns the residual stream after the requested blocks (RMU's hidden state after layer l)
+and `stop_after` ends the forward there (RMU's forget batch needs nothing later). The training path returns
+final hidden states, never logits: log-probs are computed by `mirage_jax.losses.logprob` from `hidden` and
+`head_weight()`, so a fused kernel can avoid materialising [tokens x vocab]. `logits()` is for eval/decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mirage_jax import sharding
+from mirage_jax.models import layers
+from mirage_jax.models.config import TextConfig
+
+Array = jax.Array
+_ACT = ("batch", "length", "act_embed")
+
+
+class DecoderBlock(nnx.Module):
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.rope_theta = cfg.rope_theta
+    self.attn_norm = layers.RMSNorm(cfg.width, eps=cfg.rms_norm_eps, name="norm", **kw)
+    self.attn = layers.Attention(
+        width=cfg.width, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        use_bias=False, names=("embed", "heads", "kv_heads", "head_dim"), **kw)
+    self.mlp_norm = layers.RMSNorm(cfg.width, eps=cfg.rms_norm_eps, name="norm", **kw)
+    self.mlp = SwiGLU(cfg.width, cfg.mlp_dim, **kw)
+
+  def __call__(self, x_btd: Array, *, mask_bts: Array, positions_bt: Array, cache: layers.KV | None = None,
+               cache_index: Array | None = None) -> tuple[Array, layers.KV]:
+    h, kv = self.attn(self.attn_norm(x_btd), mask_bts=mask_bts, positions_bt=positions_bt,
+                      rope_theta=self.rope_theta, cache=cache, cache_index=cache_index)
+    x_btd = x_btd + h
+    x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+    return sharding.constrain(x_btd, _ACT), kv
+
+
+class SwiGLU(nnx.Module):
+  def __init__(self, width: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
+    kw = dict(use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.gate = layers.Dense((width,), (mlp_dim,), ("embed", "mlp"), **kw)
+    self.up = layers.Dense((width,), (mlp_dim,), ("embed", "mlp"), **kw)
+    self.down = layers.Dense((mlp_dim,), (width,), ("mlp", "embed"), **kw)
+
+  def __call__(self, x_btd: Array) -> Array:
+    return self.down(jax.nn.silu(self.gate(x_btd)) * self.up(x_btd))
+
+
+@dataclasses.dataclass
+class DecoderOutput:
+  hidden_btd: Array | None  # after the final norm; None when the forward stopped early
+  layers: dict[int, Array]  # residual stream after each requested block (0-based)
+  cache: layers.KV | None = None  # keys/values [L, B, S, K, E] (prefill) or the updated cache (decode)
+
+
+jax.tree_util.register_dataclass(DecoderOutput, data_fields=["hidden_btd", "layers", "cache"], meta_fields=[])
+
+
+class Decoder(nnx.Module):
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any, remat: str = "none",
+               scan_layers: bool = True):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat = remat
+    self.scan_layers = scan_layers
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.embed = layers.param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.width),
+                              ("vocab", "embed"), param_dtype)
+    self.layers = layers.stacked(lambda r: DecoderBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
+    self.norm = layers.RMSNorm(cfg.width, eps=cfg.rms_norm_eps, name="norm", rngs=rngs, **kw)
+    self.lm_head = (None if cfg.tie_embeddings else
+                    layers.param(rngs, nnx.initializers.normal(0.02), (cfg.width, cfg.vocab_size),
+                                 ("embed", "vocab"), param_dtype))
+
+  def embed_tokens(self, tokens_bt: Array) -> Array:
+    # All-gather the (compute-dtype) table before the lookup, as FSDP does for every weight: a gather from a
+    # sharded table into a batch-sharded output makes XLA fall back to full rematerialisation and warn.
+    table_vd = sharding.constrain(self.embed[...].astype(self.dtype), (None, None))
+    x_btd = jnp.take(table_vd, tokens_bt, axis=0)
+    return sharding.constrain(x_btd, _ACT)
+
+  def head_weight(self) -> Array:
+    """The LM head as [D, V] (the embedding transposed when tied)."""
+    return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+  def logits(self, hidden_btd: Array) -> Array:
+    """Full logits in float32 — for evaluation and decoding only."""
+    return jnp.einsum("btd,dv->btv", hidden_btd, self.head_weight().astype(hidden_btd.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, x_btd: Array, *, mask_bts: Array, positions_bt: Array, collect: tuple[int, ...] = (),
+               stop_after: int | None = None, cache: layers.KV | None = None,
+               cache_index: Array | None = None, return_cache: bool = False) -> DecoderOutput:
+    """Run the blocks. `return_cache` returns every layer's keys/values (prefill); with `cache` given, the
+    new keys/values are written at `cache_index` and the updated cache is returned."""
+    depth = self.cfg.depth
+    for l in (*collect, *(() if stop_after is None else (stop_after,))):
+      if not 0 <= l < depth:
+        raise ValueError(f"decoder layer {l} out of range: the decoder has {depth} layers (0-based)")
+    if stop_after is not None and cache is not None:
+      raise ValueError("stop_after and cache cannot be combined")
+    end = depth if stop_after is None else stop_after + 1
+    cuts = sorted({l + 1 for l in (*collect, end - 1) if l + 1 <= end} | {end})
+
+    want_kv = return_cache or cache is not None
+
+    def body(block, x, kv):
+      x, kv = block(x, mask_bts=mask_bts, positions_bt=positions_bt, cache=kv, cache_index=cache_index)
+      return x, (kv if want_kv else None)
+
+    collected, kvs, start = {}, [], 0
+    for stop in cuts:
+      xs = None if cache is None else jax.tree.map(lambda a: a[start:stop], cache)
+      x_btd, kv = layers.run_stack(self.layers, body, x_btd, start=start, stop=stop, xs=xs, remat=self.remat,
+                                  unroll=not self.scan_layers)
+      kvs.append(kv)
+      if stop - 1 in collect:
+        collected[stop - 1] = x_btd
+      start = stop
+    hidden = None if stop_after is not None else self.norm(x_btd)
+    out_cache = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs) if want_kv else None
+    return DecoderOutput(hidden_btd=hidden, layers=collected, cache=out_cache)

@@ -1,0 +1,115 @@
+"""The only Orbax user: periodic async checkpoints, keep-N, resume from the latest step, params-only init.
+
+A checkpoint step directory holds four items:
+  params  the model parameters (a pure nested dict; restored alone by `--config.init_from`)
+  train   step, optimizer state, PRNG key data and method extras (e.g. the RMU control vector)
+  data    every data stream's iterator state (JSON), so a resumed run sees the same batches
+  meta    the run's config and bookkeeping (JSON)
+Saves are asynchronous; a save runs when the step is a multiple of `save_every`, when forced (end of run,
+SIGTERM), or when Orbax reports a preemption (`reached_preemption`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from mirage_jax.train.state import TrainState
+
+ITEMS = ("params", "train", "data", "meta")
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass
+class Restored:
+  state: TrainState
+  data: dict
+  meta: dict
+
+
+class Checkpointer:
+  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int, async_save: bool = True):
+    self.directory = pathlib.Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(max(int(save_every), 1)),
+            policies.PreemptionCheckpointingPolicy(),
+        ]),
+        preservation_policy=policies.LatestN(max(int(keep), 1)),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self._mgr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mgr.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self._mgr.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    return self._mgr.reached_preemption(step)
+
+  def save(self, step: int, state: TrainState, *, data: dict, meta: dict, force: bool = False) -> bool:
+    train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng, "extras": state.extras}
+    return self._mgr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
+        data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)), force=force)
+
+  def restore(self, step: int, *, target: TrainState) -> Restored:
+    """Restore onto `target` (a TrainState of ShapeDtypeStructs carrying the shardings to restore into)."""
+    train_target = {"step": target.step, "opt_state": target.opt_state, "rng": target.rng,
+                    "extras": target.extras}
+    out = self._mgr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target.params), train=ocp.args.StandardRestore(train_target),
+        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    t = out["train"]
+    state = TrainState(step=t["step"], params=out["params"], opt_state=t["opt_state"], rng=t["rng"],
+                       extras=t["extras"])
+    return Restored(state=state, data=dict(out["data"] or {}), meta=dict(out["meta"] or {}))
+
+  def wait(self) -> None:
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.wait_until_finished()
+    self._mgr.close()
+
+
+def find_params_dir(path: str | os.PathLike) -> pathlib.Path:
+  """`path` may be a run workdir, its `checkpoints/` dir, or one step dir; returns the `params` item dir."""
+  path = pathlib.Path(path).absolute()
+  if (path / "params").is_dir():
+    return path / "params"
+  ckpt = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+  steps = sorted(int(p.name) for p in ckpt.glob("*") if p.name.isdigit() and (p / "params").is_dir())
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint with params under {path} (expected a run directory, its "
+                            f"{CHECKPOINT_DIR}/ folder, or a step directory)")
+  return ckpt / str(steps[-1]) / "params"
+
+
+def restore_params(path: str | os.PathLike, target: Any) -> Any:
+  """Params only (for `init_from` and reference models), restored into `target`'s shapes and shardings."""
+  params_dir = find_params_dir(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      return ckptr.restore(params_dir, target)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"parameters in {params_dir} do not match this model config: {e}") from None
+
+
+def host_params(params: Any) -> Any:
+  """A numpy copy of (possibly sharded) params, for comparisons and checksums."""
+  return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)

@@ -1,0 +1,259 @@
+"""The training loop: one explicit function from a config and a workdir to a trained, checkpointed model.
+
+Sections: mesh -> data -> model & shardings -> optimizer -> restore (own checkpoint, else `init_from`, else
+random init) -> streams -> AOT compile (memory analysis logged) -> steps (metrics one step behind, so the
+host never blocks the device; non-finite values stop the run before anything is saved) -> periodic eval and
+checkpoints -> final save. Every user mistake is raised as `RunError` with one clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mirage_jax import configlib, sharding
+from mirage_jax.data import pipeline, preprocess
+from mirage_jax.eval import scoring
+from mirage_jax.losses import make_loss
+from mirage_jax.models import VLMConfig
+from mirage_jax.train import checkpoint, metrics as metrics_lib, optim
+from mirage_jax.train.state import ModelSpec, TrainState, init_params, model_spec, new_rng, param_count
+
+
+class RunError(ValueError):
+  """A configuration or data problem found before or during training (reported as one line)."""
+
+
+@dataclasses.dataclass
+class RunSummary:
+  workdir: str
+  first_step: int
+  last_step: int
+  final: dict  # last logged train metrics
+  eval: dict  # {split: {"loss", "token_accuracy"}} at the end
+  wall_s: float
+  compile_s: float
+  steps_per_s: float
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything static about a run, shared by training, evaluation and tools."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  data: pipeline.Data
+  fmt: preprocess.TextFormat
+  spec: ModelSpec
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  mesh = sharding.make_mesh(config.mesh)
+  data = pipeline.open_data(config.data)
+  tok = data.tokenizer
+  model_cfg = VLMConfig.from_config(config.model, image_token_id=tok.image_id)
+  if tok.vocab_size > model_cfg.text.vocab_size:
+    raise RunError(f"the tokenizer has {tok.vocab_size} tokens but config.model.text.vocab_size is "
+                   f"{model_cfg.text.vocab_size}")
+  img = config.data.world.image_size if config.data.name == "mirage_synth" and not config.data.path else None
+  if img is not None and img != model_cfg.vision.image_size:
+    raise RunError(f"data.world.image_size={img} but model.vision.image_size={model_cfg.vision.image_size}")
+  fmt = preprocess.TextFormat.from_config(config.data, num_image_tokens=model_cfg.vision.num_image_tokens)
+  preprocess.check_template(tok, fmt)
+  if model_cfg.text.max_len < fmt.max_len:
+    raise RunError(f"data.max_len={fmt.max_len} exceeds model.text.max_len={model_cfg.text.max_len}")
+  return Setup(config=config, mesh=mesh, data=data, fmt=fmt, spec=model_spec(model_cfg, mesh))
+
+
+def _abstract_state(spec: ModelSpec, tx, mesh, extras: Mapping[str, Any]) -> TrainState:
+  repl = sharding.replicated(mesh)
+  params = spec.abstract_params()
+  opt_abstract = jax.eval_shape(tx.init, params)
+  opt_sh = optim.state_shardings(opt_abstract, spec.shardings, repl)
+  opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_sh)
+  sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl)  # noqa: E731
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), params=params, opt_state=opt,
+                    rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl),
+                    extras=jax.tree.map(sds, dict(extras)))
+
+
+def _shardings(tree):
+  return jax.tree.map(lambda a: a.sharding, tree)
+
+
+def _stream_seed(seed: int, name: str) -> int:
+  return int(np.random.SeedSequence([seed, *name.encode()]).generate_state(1)[0] % (2**31))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSummary:
+  t_start = time.time()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  main = jax.process_index() == 0
+  s = setup(config)
+  mesh, spec = s.mesh, s.spec
+  if config.batch_size % sharding.batch_divisor(mesh):
+    raise RunError(f"batch_size={config.batch_size} is not divisible by the mesh's data x fsdp = "
+                   f"{sharding.batch_divisor(mesh)} devices")
+  loss = make_loss(config.loss)
+  missing = [n for n in loss.streams if n not in config.data.streams]
+  if missing:
+    raise RunError(f"loss {config.loss.name!r} needs data streams {list(loss.streams)}; config.data.streams "
+                   f"lacks {missing}")
+  if loss.needs_reference and not config.init_from:
+    raise RunError(f"loss {config.loss.name!r} starts from a trained model: set --config.init_from=<run dir>")
+
+  tx, sched = optim.make_optimizer(config.optim, config.total_steps, spec.abstract_params())
+  extras = loss.init_extras(spec, config.seed) if hasattr(loss, "init_extras") else {}
+  target = _abstract_state(spec, tx, mesh, jax.eval_shape(lambda: extras))
+  state_sh = _shardings(target)
+  ckpt = checkpoint.Checkpointer(workdir / checkpoint.CHECKPOINT_DIR, save_every=config.checkpoint_every,
+                                 keep=config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  data_state: dict = {}
+  if latest is not None:
+    restored = ckpt.restore(latest, target=target)
+    state, data_state = restored.state, restored.data
+    logging.info("resumed from %s at step %d", ckpt.directory, latest)
+  else:
+    if config.init_from:
+      params = checkpoint.restore_params(config.init_from, spec.abstract_params())
+      logging.info("initialised params from %s", config.init_from)
+    else:
+      params = init_params(spec, config.seed)
+    state = TrainState(
+        step=jax.device_put(jnp.int32(0), state_sh.step), params=params,
+        opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
+        rng=jax.device_put(new_rng(config.seed), state_sh.rng), extras=jax.device_put(extras, state_sh.extras))
+  reference = (checkpoint.restore_params(config.init_from, spec.abstract_params())
+               if loss.needs_reference else None)
+
+  splits = pipeline.SplitCache(s.data.dataset, s.data.tokenizer, s.fmt, cache=config.data.cache)
+  streams = {name: pipeline.Stream(name=name, mixture=config.data.streams[name], splits=splits,
+                                   global_batch=config.batch_size, seed=_stream_seed(config.seed, name),
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+             for name in loss.streams}
+  for name, st in data_state.get("streams", {}).items():
+    if name in streams:
+      streams[name].set_state(st)
+
+  batch_abstract = _batch_abstract(config, splits, streams, mesh)
+  step_fn = _compile_step(spec, loss, tx, sched, mesh, state_sh, batch_abstract, reference, target)
+  compile_s = time.time() - t_start
+
+  first = int(jax.device_get(state.step))
+  writer = metrics_lib.MetricWriter(workdir, enabled=main)
+  if main and first == 0:
+    (workdir / "config.json").write_text(configlib.to_json(config))
+  bar = metrics_lib.Progress(total=config.total_steps, initial=first, desc=config.loss.name, enabled=main)
+  score_step = scoring.make_score_step(spec)
+  put = lambda b: pipeline.to_global(b, mesh)  # noqa: E731
+  eval_splits = [x.strip() for x in config.eval.splits.split(",") if x.strip()]
+
+  def evaluate(step: int) -> dict:
+    results = {}
+    for split in eval_splits:
+      batches = pipeline.eval_batches(splits.examples(split), config.eval.batch_size,
+                                      max_batches=config.eval.max_batches)
+      results[split] = scoring.score_batches(score_step, state.params, batches, put)
+      writer.write(step, results[split], prefix=f"eval/{split}")
+    return results
+
+  def save(step: int, force: bool = False) -> None:
+    data = {"streams": {n: st.get_state() for n, st in streams.items()}}
+    meta = {"step": step, "config": json.loads(configlib.to_json(config))}
+    ckpt.save(step, state, data=data, meta=meta, force=force)
+
+  pending, last_logged, window, t_loop = None, {}, [], time.time()
+  eval_results: dict = {}
+  step = first
+  try:
+    while step < config.total_steps:
+      batches = {n: put(next(st)) for n, st in streams.items()}
+      state, new_metrics = step_fn(state, batches, reference)
+      if pending is not None:  # the previous step's metrics: checked while this step runs
+        _account(step, pending, window, writer, config, bar)
+      pending = new_metrics
+      step += 1
+      if ckpt.should_save(step) or step == config.total_steps or (config.eval.every and
+                                                                   step % config.eval.every == 0):
+        last_logged = _account(step, pending, window, writer, config, bar, force_log=True)
+        pending = None
+        if config.eval.every and step % config.eval.every == 0 and step < config.total_steps:
+          evaluate(step)
+        if ckpt.should_save(step) or step == config.total_steps:
+          save(step, force=step == config.total_steps)
+        if ckpt.reached_preemption(step):
+          logging.warning("preemption notice: saved step %d, exiting", step)
+          break
+    if pending is not None:
+      last_logged = _account(step, pending, window, writer, config, bar, force_log=True)
+    if step >= config.total_steps and eval_splits:
+      eval_results = evaluate(step)
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+  wall = time.time() - t_start
+  done = step - first
+  return RunSummary(workdir=str(workdir), first_step=first, last_step=step, final=last_logged,
+                    eval=eval_results, wall_s=wall, compile_s=compile_s,
+                    steps_per_s=done / max(time.time() - t_loop, 1e-9))
+
+
+def _account(step: int, metrics, window: list, writer, config, bar, *, force_log: bool = False) -> dict:
+  """Fetch one step's metrics (blocking on that step only), check them, log on log steps."""
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  metrics_lib.check_finite(step, values)
+  window.append(values)
+  bar.update(1, {k: values[k] for k in ("loss",) if k in values})
+  if force_log or step % config.log_every == 0:
+    mean = {k: float(np.mean([w[k] for w in window])) for k in window[-1]}
+    writer.write(step, mean)
+    window.clear()
+    return mean
+  return {}
+
+
+def _batch_abstract(config, splits: pipeline.SplitCache, streams, mesh) -> dict:
+  """Global-batch ShapeDtypeStructs per stream, from one example of each stream's first split."""
+  out = {}
+  for name in streams:
+    example = splits.examples(pipeline.parse_mixture(config.data.streams[name])[0].split)[0]
+    out[name] = {k: jax.ShapeDtypeStruct((config.batch_size, *np.shape(v)), np.asarray(v).dtype,
+                                         sharding=sharding.batch_sharding(mesh, np.ndim(v) + 1))
+                 for k, v in example.items()}
+  return out
+
+
+def _compile_step(spec, loss, tx, sched, mesh, state_sh, batch_abstract, reference, target):
+  """AOT-compile the train step once (logging its memory analysis) and return the compiled callable."""
+  from mirage_jax.train import step as step_lib
+  shardings = step_lib.StepShardings(
+      state=state_sh, batches=_shardings(batch_abstract),
+      reference=None if reference is None else spec.shardings, replicated=sharding.replicated(mesh))
+  fn = step_lib.make_train_step(spec=spec, loss=loss, tx=tx, sched=sched, shardings=shardings)
+  ref_abstract = None if reference is None else spec.abstract_params()
+  with jax.set_mesh(mesh):
+    compiled = fn.lower(target, batch_abstract, ref_abstract).compile()
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    logging.info("train step memory per device: args %.1f MiB, temps %.1f MiB, outputs %.1f MiB",
+                 mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
+                 mem.output_size_in_bytes / 2**20)
+  return compiled
+
+
+def describe_params(spec: ModelSpec) -> dict[str, int]:
+  params = spec.abstract_params()
+  return {k: param_count(v) for k, v in params.items()}

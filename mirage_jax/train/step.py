@@ -1,0 +1,50 @@
+"""The jitted train step: a plain `jax.jit` over (state, batches, reference params) with explicit shardings
+and donation of the state. The graphdef is closed over (static); `nnx.merge` rebuilds the model inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from mirage_jax.train.state import ModelSpec, TrainState
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+  state: TrainState  # a TrainState of NamedShardings
+  batches: Any  # {stream: {key: NamedSharding}}
+  reference: Any  # param shardings or None
+  replicated: NamedSharding
+
+
+def make_train_step(*, spec: ModelSpec, loss: Callable, tx: optax.GradientTransformation,
+                    sched: optax.Schedule, shardings: StepShardings):
+  """Returns `step(state, batches, reference) -> (state, metrics)`, jitted with donation of `state`."""
+
+  def step(state: TrainState, batches: Mapping[str, Mapping[str, Array]], reference: Any):
+    ref_model = None if reference is None else spec.merge(jax.lax.stop_gradient(reference))
+
+    def loss_fn(params):
+      return loss(spec.merge(params), batches=batches, reference=ref_model, extras=state.extras)
+
+    (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    metrics.update(loss=value.astype(jnp.float32), grad_norm=optax.global_norm(grads),
+                   lr=jnp.asarray(sched(state.step), jnp.float32))
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
+                     extras=state.extras)
+    return new, metrics
+
+  return jax.jit(step, in_shardings=(shardings.state, shardings.batches, shardings.reference),
+                 out_shardings=(shardings.state, shardings.replicated), donate_argnums=(0,))
