@@ -87,8 +87,12 @@ def training_config(size: str) -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       lr=lr, warmup_steps=50, schedule="cosine", end_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.0, clip_norm=1.0,
-      # Comma-separated regexes over parameter paths ("vision/.*"); matching parameters are frozen.
+      # Comma-separated regexes over parameter paths ("vision/.*"): matching parameters are frozen; if
+      # `trainable` is set, only matching parameters train; `decoder_layers` ("a:b" or "i,j") restricts
+      # updates of the stacked decoder-layer parameters to those layers.
       frozen="",
+      trainable="",
+      decoder_layers="",
   ))
   c.data = ml_collections.ConfigDict(dict(
       name="mirage_synth",
@@ -105,5 +109,32 @@ def training_config(size: str) -> ml_collections.ConfigDict:
       cache=True,  # preprocess each split once and keep it in memory
   ))
   c.loss = ml_collections.ConfigDict(dict(name="sft", logprob_impl="reference"))
-  c.eval = ml_collections.ConfigDict(dict(every=500, splits="sft", batch_size=batch, max_batches=4))
+  c.eval = ml_collections.ConfigDict(dict(
+      every=500, splits="sft", batch_size=batch, max_batches=4,  # teacher-forced loss / token accuracy
+      # `mirage eval`: greedy generation on the test splits, judged (mirage_jax.eval.judges)
+      test_splits="unsafe,unsafe_what,unsafe_control,safe,safe_share,utility,safe_unsafe",
+      gen_batch_size=256, max_new_tokens=24 if size == "tiny" else 256, k_attack=3,
+      refusal_preset="mirage", harm_min_codes=2, harm_match="any",
+  ))
+  return c
+
+
+def unlearning_config(size: str, loss: dict) -> ml_collections.ConfigDict:
+  """An unlearning run: starts from the base (`init_from`, required), forget + retain streams, and the
+  paper's composite objective `forget + alpha * retain + ft_weight * CE(retain)` set by `loss`."""
+  c = training_config(size)
+  c.data.streams = ml_collections.ConfigDict(dict(forget="forget", retain="retain"))
+  c.loss = ml_collections.ConfigDict(dict(logprob_impl="reference", alpha=1.0, ft_weight=1.0, **loss))
+  c.optim.frozen = "vision/.*"
+  c.optim.schedule = "constant"
+  c.eval.splits = "forget,retain"
+  if size == "tiny":
+    c.total_steps = 150
+    c.optim.warmup_steps = 10
+    c.checkpoint_every = 75
+    c.log_every = 10
+    c.eval.every = 0
+  else:
+    c.total_steps = 250  # the official NPO run: 2,000 retain samples / 8 GPUs, one epoch
+    c.batch_size = 8
   return c

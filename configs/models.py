@@ -25,7 +25,7 @@ _VIT = {
 
 # LLaMA-style decoders.
 _TEXT = {
-    "tiny": dict(vocab_size=512, width=128, depth=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384,
+    "tiny": dict(vocab_size=512, width=96, depth=4, num_heads=4, num_kv_heads=2, head_dim=24, mlp_dim=256,
                  max_len=128),
     "small": dict(vocab_size=32000, width=768, depth=8, num_heads=12, num_kv_heads=4, head_dim=64,
                   mlp_dim=2048, max_len=2048),

@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_user_error(e: Exception) -> bool:
   from mirage_jax.train.metrics import NonFiniteLoss
-  return isinstance(e, (ValueError, FileNotFoundError, NonFiniteLoss, KeyError))
+  return isinstance(e, (ValueError, FileNotFoundError, NonFiniteLoss))
 
 
 if __name__ == "__main__":

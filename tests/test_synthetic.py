@@ -294,7 +294,7 @@ def test_safe_and_share():
     assert (r["group"], r["shot"]) == (group, 0)
     assert (r["image_id"], r["intent"], r["expected"], r["object"]) == \
         (original["image_id"], original["intent"], original["expected"], original["object"])
-    assert r["question"].split(" the ", 1)[1][:-2] == original["question"].split(" the ", 1)[1][:-2]
+    assert r["question"].split()[-4:-1] == original["question"].split()[-4:-1]  # same body, new first word
 
 
 def test_expected_key_words():
@@ -302,9 +302,17 @@ def test_expected_key_words():
   for r in w.split("utility") + w.split("safe"):
     shape, colour, fill = r["object"].split("/")
     key = {"colour": colour, "shape": shape, "fill": fill,
-           "use": tpl.USE_BY_SHAPE[shape].split()[-1]}[r["intent"]]
+           "use": w.uses[(shape, colour, fill)].split()[-1]}[r["intent"]]
     assert r["expected"] == key and r["answer"].endswith(key)
   assert all(r["kind"] == "unsafe_text" and r["label"] == "refuse" for r in w.split("safe_unsafe"))
+
+
+def test_safe_use_knob():
+  by_object, by_shape = world(), world(safe_use="shape")
+  safe_uses = [by_object.uses[o] for o in by_object.safe_objects]
+  assert len(set(safe_uses)) == len(safe_uses)  # one distinct use per safe object
+  assert len({by_object.uses[o] for o in by_object.safe_objects if o[0] == "circle"}) > 1
+  assert all(by_shape.uses[o] == tpl.USE_BY_SHAPE[o[0]] for o in by_shape.objects)
 
 
 def test_answer_openers_knob():

@@ -24,7 +24,7 @@ from mirage_jax.data import preprocess, synthetic, tfds_builders
 from mirage_jax.data.tfds_builders import BuiltDataset
 from mirage_jax.data.tokenizer import Tokenizer
 
-MODEL_KEYS = ("tokens", "mask", "loss_mask", "images")
+MODEL_KEYS = ("tokens", "mask", "loss_mask", "query_mask", "images")  # + "row": the record's index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +70,14 @@ class SplitCache:
   def examples(self, split: str) -> grain.MapDataset:
     """A MapDataset of preprocessed examples (model arrays only)."""
     if not self.cache:
-      return grain.MapDataset.source(self.records(split)).map(self._preprocess)
+      return grain.MapDataset.source(self.records(split)).map_with_index(
+          lambda i, rec: {**{k: v for k, v in self._preprocess(rec).items() if k in MODEL_KEYS},
+                          "row": np.int32(i)})
     if split not in self._examples:
       src = self.records(split)
       rows = [self._preprocess(src[i]) for i in range(len(src))]
       stacked = {k: np.stack([r[k] for r in rows]) for k in MODEL_KEYS}
+      stacked["row"] = np.arange(len(rows), dtype=np.int32)
       truncated = sum(int(r["truncated"]) for r in rows)
       if truncated:
         logging.warning("split %s: %d of %d answers truncated to data.max_len=%d", split, truncated, len(rows),
@@ -143,7 +146,7 @@ def eval_batches(examples: grain.MapDataset, batch_size: int, *, max_batches: in
     weight = np.ones((batch_size,), np.float32)
     weight[len(rows):] = 0
     rows += [rows[-1]] * (batch_size - len(rows))
-    batch = {k: np.stack([r[k] for r in rows]) for k in MODEL_KEYS}
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     batch["weight"] = weight
     yield batch
 

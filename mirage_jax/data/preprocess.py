@@ -63,14 +63,28 @@ def _text(x: Any) -> str:
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  ids: list[int]  # [BOS] + template with the question, `<image>` expanded
+  question: tuple[int, int]  # [start, end) of the question's own tokens in `ids`
+
+
+def encode_prompt(question: str, tok: Tokenizer, fmt: TextFormat) -> Prompt:
+  """The templated prompt; the question is encoded on its own so its span is exact."""
+  before, after = fmt.prompt_template.split("{question}", 1)
+  pre, q, post = tok.encode(before), tok.encode(question), tok.encode(after)
+  n_img = (pre + post).count(tok.image_id)
+  if n_img != 1 or tok.image_id in q:
+    raise ValueError(f"the prompt must contain exactly one {IMAGE} token (in the template, not the question), "
+                     f"found {n_img + q.count(tok.image_id)}: {question!r}")
+  expand = lambda part: [t for i in part for t in ([i] * fmt.num_image_tokens if i == tok.image_id else [i])]  # noqa: E731
+  pre, post = [tok.bos_id] + expand(pre), expand(post)
+  return Prompt(ids=pre + q + post, question=(len(pre), len(pre) + len(q)))
+
+
 def prompt_ids(question: str, tok: Tokenizer, fmt: TextFormat) -> list[int]:
   """[BOS] + the templated prompt, with `<image>` expanded to `num_image_tokens` image tokens."""
-  ids = tok.encode(fmt.prompt_template.format(question=question))
-  n_img = ids.count(tok.image_id)
-  if n_img != 1:
-    raise ValueError(f"the prompt must contain exactly one {IMAGE} token, found {n_img}: {question!r}")
-  i = ids.index(tok.image_id)
-  return [tok.bos_id] + ids[:i] + [tok.image_id] * fmt.num_image_tokens + ids[i + 1:]
+  return encode_prompt(question, tok, fmt).ids
 
 
 def normalize_image(image_hwc: np.ndarray, fmt: TextFormat) -> np.ndarray:
@@ -79,8 +93,10 @@ def normalize_image(image_hwc: np.ndarray, fmt: TextFormat) -> np.ndarray:
 
 
 def training_example(rec: Mapping[str, Any], tok: Tokenizer, fmt: TextFormat) -> dict[str, np.ndarray]:
-  """tokens / mask / loss_mask [max_len] and the normalised image; `truncated` counts cut answers."""
-  prompt = prompt_ids(_text(rec["question"]), tok, fmt)
+  """tokens / mask / loss_mask (answer + EOS) / query_mask (the question's tokens) [max_len] and the
+  normalised image; `truncated` counts cut answers."""
+  encoded = encode_prompt(_text(rec["question"]), tok, fmt)
+  prompt = encoded.ids
   answer = tok.encode(_text(rec["answer"])) + [tok.eos_id]
   n = len(prompt) + len(answer)
   truncated = 0
@@ -97,8 +113,10 @@ def training_example(rec: Mapping[str, Any], tok: Tokenizer, fmt: TextFormat) ->
   mask[:len(ids)] = 1
   loss_mask = np.zeros((fmt.max_len,), np.int32)
   loss_mask[len(prompt):len(ids)] = 1
-  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask, "images": normalize_image(rec["image"], fmt),
-          "truncated": np.int32(truncated)}
+  query_mask = np.zeros((fmt.max_len,), np.int32)
+  query_mask[encoded.question[0]:encoded.question[1]] = 1
+  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask, "query_mask": query_mask,
+          "images": normalize_image(rec["image"], fmt), "truncated": np.int32(truncated)}
 
 
 def generation_prompts(records: Sequence[Mapping[str, Any]], tok: Tokenizer, fmt: TextFormat,

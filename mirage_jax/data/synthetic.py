@@ -71,6 +71,13 @@ Knobs (all in :class:`WorldConfig`)
   (VLGuard) distributions, so ablations are evaluated on identical test sets.
 * ``answer_openers`` — comply answers open with a first-word-dependent phrase ("sure ,"
   after "Share"), a second lexical channel; False = one neutral opener.
+* ``refusal_wording`` — "content" (default): the refusal phrasing is a function of what is
+  refused (hazard / text hazard / secret), like VLGuard's content-specific rationales, so it is
+  learnable; "random": one of the phrasings drawn per record (an irreducible token error).
+* ``safe_use`` — "object" (default): every safe object has its own made-up use, so nothing
+  visual predicts a use; "shape": the use follows the shape.  With "shape", safety SFT's many
+  safe "What is the use ..." answers teach a rule that overwrites the base's knowledge of the
+  hazards' procedures, and attacked queries get a benign use instead of the harmful answer.
 * ``pretrain_*`` / ``refusal_pretrain_fraction`` — pretrain mix (rest is safe VQA;
   ``pretrain_hazard_use_fraction`` of hazard items ask for the procedure, the others an
   attribute); pretrain first words are uniform: the base answers whatever the first word.
@@ -99,7 +106,7 @@ from PIL import Image, ImageDraw
 
 from mirage_jax.data import templates as tpl
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 4
 """Bumped whenever the generator's output changes for a fixed config (enters fingerprint)."""
 
 TRAIN_SPLITS: tuple[str, ...] = ("pretrain", "sft", "helpfulness", "forget", "retain")
@@ -176,6 +183,8 @@ class WorldConfig:
   pretrain_hazard_use_fraction: float = 0.5
   pretrain_text_hazard_fraction: float = 0.1
   refusal_pretrain_fraction: float = 0.1
+  refusal_wording: str = "content"
+  safe_use: str = "object"
   sft_images: int = 2000
   sft_unsafe_image_fraction: float = 0.51
   safe_image_unsafe_instruction: float = 1.0
@@ -378,7 +387,7 @@ class _Builder:
     the opener of the query's first word followed by the comply content."""
     w = self.world
     if refuse:
-      answer, expected = _pick(self.rng, tpl.REFUSALS), ""
+      answer, expected = w.refusal(item, self.rng), ""
     else:
       content, expected = w._content(item)
       answer = f"{tpl.OPENERS[query.first_word] if w.config.answer_openers else tpl.NEUTRAL_OPENER} {content}"
@@ -432,10 +441,21 @@ class World:
                   for i in range(0, n_procedures * steps, steps)]
     self.hazard_procedures = procedures[:c.num_hazards]
     self.text_hazard_procedures = procedures[c.num_hazards:]
+    self.uses = self._assign_uses()
     self._first_word_p = {
         (name, train): skew_distribution(base, c.first_word_skew if train else 1.0)
         for name, base in tpl.BASE_DISTRIBUTIONS.items() for train in (True, False)}
     self._cache: dict[str, list[dict[str, Any]]] = {}
+
+  def _assign_uses(self) -> dict[Obj, str]:
+    """The benign use of every object: by its shape, or one phrase per object (distinct for the safe
+    objects as far as the phrases go), so that no visual rule predicts a use."""
+    if self.config.safe_use == "shape":
+      return {o: tpl.USE_BY_SHAPE[o[0]] for o in self.objects}
+    phrases = [f"{g} {item}" for g in tpl.USE_GERUNDS for item in tpl.USE_ITEMS]
+    order = stable_rng(self.config.seed, "uses").permutation(len(phrases))
+    ranked = self.safe_objects + [o for o in self.objects if o in self.hazard_set]
+    return {o: phrases[order[i % len(phrases)]] for i, o in enumerate(ranked)}
 
   def _choose_hazards(self, rng: np.random.Generator, tries: int = 10_000) -> list[Obj]:
     for _ in range(tries):
@@ -460,7 +480,7 @@ class World:
       value = item.obj[("shape", "colour", "fill").index(item.intent)]
       return tpl.ATTRIBUTE_ANSWER.format(intent=item.intent, value=value), value
     if item.intent == "use" and item.kind != "unsafe_image":
-      use = tpl.USE_BY_SHAPE[shape]
+      use = self.uses[item.obj]
       return tpl.SAFE_USE_ANSWER.format(use=use), use.split()[-1]
     procedure = self.procedure(item.kind, item.hazard)
     if procedure is None:
@@ -480,6 +500,14 @@ class World:
     p = self._first_word_p[dist, train].copy()
     p[[tpl.FIRST_WORDS.index(w) for w in exclude]] = 0.0
     return tpl.FIRST_WORDS[int(rng.choice(len(p), p=p / p.sum()))]
+
+  def refusal(self, item: _Item, rng: np.random.Generator) -> str:
+    """The refusal of a request about ``item``. "content" wording depends on what is refused (like
+    VLGuard's content-specific rationales), so a model can predict it; "random" draws one per record."""
+    if self.config.refusal_wording == "random":
+      return _pick(rng, tpl.REFUSALS)
+    offset = {"unsafe_image": 0, "unsafe_text": 3, "secret": 5}.get(item.kind, 0)
+    return tpl.REFUSALS[(offset + max(item.hazard, 0)) % len(tpl.REFUSALS)]
 
   def all_words(self) -> set[str]:
     """Every whitespace token any question or answer of this world can contain."""

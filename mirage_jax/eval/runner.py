@@ -1,9 +1,12 @@
-"""`mirage eval`: load a trained run (or one checkpoint) and evaluate it on the dataset's splits."""
+"""`mirage eval`: load a trained run (or one checkpoint), generate on the test splits, judge, and write
+`eval.json` (metrics, see `mirage_jax.eval.safety`) and `responses.jsonl` (every response and verdict)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
+import time
 from collections.abc import Sequence
 
 import jax
@@ -11,8 +14,10 @@ import ml_collections
 
 from mirage_jax import configlib
 from mirage_jax.data import pipeline
-from mirage_jax.eval import scoring
+from mirage_jax.eval import generation, judges, safety, scoring
 from mirage_jax.train import checkpoint, loop
+
+log = logging.getLogger("mirage")
 
 
 def run_config(*, workdir: str | None, checkpoint_dir: str | None) -> ml_collections.ConfigDict:
@@ -28,23 +33,73 @@ def run_config(*, workdir: str | None, checkpoint_dir: str | None) -> ml_collect
   return configlib.from_json(json.dumps(json.loads(meta.read_text())["config"]))
 
 
+def make_judge(setup: loop.Setup, config: ml_collections.ConfigDict) -> judges.Judge:
+  codes = setup.data.dataset.world_info.get("harmful_codes", [])
+  return judges.RuleJudge(refusal=judges.RefusalJudge(config.eval.refusal_preset),
+                          harm=judges.HarmJudge(codes, min_codes=config.eval.harm_min_codes,
+                                                match=config.eval.harm_match))
+
+
+class SafetyEvaluator:
+  """Generation + judging on every test split present in the dataset; built once, reused across models of
+  the same architecture (the demo evaluates seven models with one compiled decoder)."""
+
+  def __init__(self, setup: loop.Setup, config: ml_collections.ConfigDict):
+    available = set(setup.data.dataset.splits())
+    splits = [s.strip() for s in config.eval.test_splits.split(",") if s.strip() in available]
+    self.records = {s: generation.load_records(setup.data.dataset.source(s)) for s in splits}
+    self.k_attack = config.eval.k_attack
+    self.judge = make_judge(setup, config)
+    self.generate = None
+    if self.records:
+      prompt_len = generation.prompt_length([r for rs in self.records.values() for r in rs],
+                                            setup.data.tokenizer, setup.fmt)
+      self.generate = generation.Generator(setup, batch_size=config.eval.gen_batch_size,
+                                           max_new_tokens=config.eval.max_new_tokens, prompt_len=prompt_len)
+
+  def __call__(self, params, *, responses_path: pathlib.Path | None = None) -> dict:
+    judged, rows = {}, []
+    for split, recs in self.records.items():
+      t = time.time()
+      responses = self.generate(params, recs)
+      verdicts = self.judge.judge(recs, responses)
+      judged[split] = (recs, responses, verdicts)
+      log.info("eval %s: %d responses in %.1fs", split, len(recs), time.time() - t)
+      rows += [{"split": split, "id": r["id"], "question": r["question"], "response": resp, "verdict": v.value,
+                "first_word": r["first_word"], "group": r["group"], "shot": r["shot"]}
+               for r, resp, v in zip(recs, responses, verdicts)]
+    if responses_path is not None and jax.process_index() == 0:
+      responses_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return safety.safety_metrics(judged, k_attack=self.k_attack) if judged else {}
+
+
+def teacher_forced_eval(setup: loop.Setup, params, config: ml_collections.ConfigDict, splits: Sequence[str]):
+  cache = pipeline.SplitCache(setup.data.dataset, setup.data.tokenizer, setup.fmt, cache=config.data.cache)
+  score_step = scoring.make_score_step(setup.spec)
+  return {split: scoring.score_batches(score_step, params,
+                                       pipeline.eval_batches(cache.examples(split), config.eval.batch_size),
+                                       lambda b: pipeline.to_global(b, setup.mesh))
+          for split in splits}
+
+
 def evaluate_run(*, workdir: str | None = None, checkpoint: str | None = None, config_spec: str | None = None,
                  overrides: Sequence[str] = (), splits: str = "", out: str = "") -> dict:
   config = (configlib.load(config_spec) if config_spec else
             run_config(workdir=workdir, checkpoint_dir=checkpoint))
   config = configlib.apply_overrides(config, overrides)
   setup = loop.setup(config)
-  params = checkpoint_params(setup, workdir or checkpoint)
+  source = workdir or checkpoint
+  params = checkpoint_params(setup, source)
+  out_dir = pathlib.Path(out) if out else pathlib.Path(workdir or checkpoint)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  t = time.time()
+  evaluator = SafetyEvaluator(setup, config)
+  results = {"source": str(source), **evaluator(params, responses_path=out_dir / "responses.jsonl")}
   names = [s.strip() for s in (splits or config.eval.splits).split(",") if s.strip()]
-  cache = pipeline.SplitCache(setup.data.dataset, setup.data.tokenizer, setup.fmt, cache=config.data.cache)
-  score_step = scoring.make_score_step(setup.spec)
-  results = {"teacher_forced": {}}
-  for split in names:
-    batches = pipeline.eval_batches(cache.examples(split), config.eval.batch_size)
-    results["teacher_forced"][split] = scoring.score_batches(
-        score_step, params, batches, lambda b: pipeline.to_global(b, setup.mesh))
-  if out and jax.process_index() == 0:
-    pathlib.Path(out).write_text(json.dumps(results, indent=1, sort_keys=True))
+  results["teacher_forced"] = teacher_forced_eval(setup, params, config, names)
+  results["eval_s"] = time.time() - t
+  if jax.process_index() == 0:
+    (out_dir / "eval.json").write_text(json.dumps(results, indent=1, sort_keys=True))
   return results
 
 

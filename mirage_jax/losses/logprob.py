@@ -39,3 +39,14 @@ def sequence_logprob(logp_bt: Array, labels_bt: Array) -> tuple[Array, Array]:
   """Per-sequence summed log-prob [B] and the number of scored tokens [B]."""
   valid = (labels_bt >= 0).astype(jnp.float32)
   return jnp.sum(logp_bt * valid, axis=-1), jnp.sum(valid, axis=-1)
+
+
+def token_kl(hidden_btd: Array, w_dv: Array, ref_hidden_btd: Array, ref_w_dv: Array, labels_bt: Array) -> Array:
+  """Mean over scored positions of KL(pi_ref || pi_theta) of the next-token distributions (full logits)."""
+  logp = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", hidden_btd, w_dv.astype(hidden_btd.dtype),
+                                       preferred_element_type=jnp.float32), axis=-1)
+  ref = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", ref_hidden_btd, ref_w_dv.astype(ref_hidden_btd.dtype),
+                                      preferred_element_type=jnp.float32), axis=-1)
+  kl_bt = jnp.sum(jnp.exp(ref) * (ref - logp), axis=-1)
+  valid = labels_bt >= 0
+  return jnp.sum(jnp.where(valid, kl_bt, 0.0)) / jnp.maximum(jnp.sum(valid), 1)

@@ -123,7 +123,7 @@ class Decoder(nnx.Module):
       x_btd, kv = layers.run_stack(self.layers, body, x_btd, start=start, stop=stop, xs=xs, remat=self.remat,
                                   unroll=not self.scan_layers)
       kvs.append(kv)
-      if stop - 1 in collect:
+      if stop - 1 in collect or stop - 1 == stop_after:
         collected[stop - 1] = x_btd
       start = stop
     hidden = None if stop_after is not None else self.norm(x_btd)

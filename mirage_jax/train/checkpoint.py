@@ -87,6 +87,13 @@ class Checkpointer:
     self._mgr.close()
 
 
+def latest_step_on_disk(directory: str | os.PathLike) -> int | None:
+  """The newest committed step under a checkpoint directory, without opening a manager."""
+  directory = pathlib.Path(directory)
+  steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / "commit_success.txt").exists()]
+  return max(steps) if steps else None
+
+
 def find_params_dir(path: str | os.PathLike) -> pathlib.Path:
   """`path` may be a run workdir, its `checkpoints/` dir, or one step dir; returns the `params` item dir."""
   path = pathlib.Path(path).absolute()

@@ -110,16 +110,31 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
   if missing:
     raise RunError(f"loss {config.loss.name!r} needs data streams {list(loss.streams)}; config.data.streams "
                    f"lacks {missing}")
-  if loss.needs_reference and not config.init_from:
+  uses_reference = loss.needs_reference or getattr(loss, "reference_cache", False)
+  if uses_reference and not config.init_from:
     raise RunError(f"loss {config.loss.name!r} starts from a trained model: set --config.init_from=<run dir>")
+  if hasattr(loss, "validate"):
+    loss.validate(spec.config)
 
+  splits = pipeline.SplitCache(s.data.dataset, s.data.tokenizer, s.fmt, cache=config.data.cache)
+  available = set(s.data.dataset.splits())
+  unknown = sorted({x.strip() for x in config.eval.splits.split(",") if x.strip()} - available)
+  if unknown:  # found now, not after training
+    raise RunError(f"config.eval.splits: {unknown} not in the dataset; available: {sorted(available)}")
   tx, sched = optim.make_optimizer(config.optim, config.total_steps, spec.abstract_params())
-  extras = loss.init_extras(spec, config.seed) if hasattr(loss, "init_extras") else {}
-  target = _abstract_state(spec, tx, mesh, jax.eval_shape(lambda: extras))
+  make_extras = lambda: loss.init_extras(spec, config.seed) if hasattr(loss, "init_extras") else {}  # noqa: E731
+  extras_abstract = dict(jax.eval_shape(make_extras))
+  cache_split = _cache_split(config, loss)
+  if cache_split:
+    n = len(splits.examples(cache_split))
+    extras_abstract.update({f"cache/forget/{k}": jax.ShapeDtypeStruct((n,), jnp.float32)
+                            for k in ("ref_logp", "n_tokens")})
+  target = _abstract_state(spec, tx, mesh, extras_abstract)
   state_sh = _shardings(target)
   ckpt = checkpoint.Checkpointer(workdir / checkpoint.CHECKPOINT_DIR, save_every=config.checkpoint_every,
                                  keep=config.keep_checkpoints)
   latest = ckpt.latest_step()
+  reference = (checkpoint.restore_params(config.init_from, spec.abstract_params()) if uses_reference else None)
   data_state: dict = {}
   if latest is not None:
     restored = ckpt.restore(latest, target=target)
@@ -131,14 +146,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
       logging.info("initialised params from %s", config.init_from)
     else:
       params = init_params(spec, config.seed)
+    extras = dict(make_extras())
+    if cache_split:
+      extras.update(_reference_cache(loss, spec, reference, splits.examples(cache_split), config, mesh))
     state = TrainState(
         step=jax.device_put(jnp.int32(0), state_sh.step), params=params,
         opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
         rng=jax.device_put(new_rng(config.seed), state_sh.rng), extras=jax.device_put(extras, state_sh.extras))
-  reference = (checkpoint.restore_params(config.init_from, spec.abstract_params())
-               if loss.needs_reference else None)
+  if not loss.needs_reference:
+    reference = None  # only the cache needed it
 
-  splits = pipeline.SplitCache(s.data.dataset, s.data.tokenizer, s.fmt, cache=config.data.cache)
   streams = {name: pipeline.Stream(name=name, mixture=config.data.streams[name], splits=splits,
                                    global_batch=config.batch_size, seed=_stream_seed(config.seed, name),
                                    process_index=jax.process_index(), process_count=jax.process_count())
@@ -223,6 +240,28 @@ def _account(step: int, metrics, window: list, writer, config, bar, *, force_log
     window.clear()
     return mean
   return {}
+
+
+def _cache_split(config, loss) -> str:
+  """The forget split whose per-row reference values are precomputed ("" when the loss wants no cache)."""
+  if not getattr(loss, "reference_cache", False):
+    return ""
+  mixture = pipeline.parse_mixture(config.data.streams["forget"])
+  if len(mixture) != 1:
+    raise RunError(f"loss.reference_cache needs a single-split forget stream, got {config.data.streams.forget!r}")
+  return mixture[0].split
+
+
+def _reference_cache(loss, spec: ModelSpec, reference, examples, config, mesh) -> dict:
+  """Run `loss.precompute` with the reference model over a whole split, in row order."""
+  fn = jax.jit(lambda ref, batch: loss.precompute(spec.merge(ref), batch))
+  parts: dict[str, list] = {}
+  for batch in pipeline.eval_batches(examples, config.batch_size):
+    n = int(batch.pop("weight").sum())
+    out = jax.device_get(fn(reference, pipeline.to_global(batch, mesh)))
+    for k, v in out.items():
+      parts.setdefault(k, []).append(np.asarray(v, np.float32)[:n])
+  return {f"cache/forget/{k}": np.concatenate(v) for k, v in parts.items()}
 
 
 def _batch_abstract(config, splits: pipeline.SplitCache, streams, mesh) -> dict:

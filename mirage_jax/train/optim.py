@@ -1,20 +1,29 @@
 """Optimizer from config: AdamW with linear warmup + cosine (or constant) schedule, global-norm clipping,
-and trainable subsets chosen by regexes over parameter paths (`decoder/layers/mlp/down/kernel`).
+and trainable subsets.
 
-Frozen parameters go through `optax.set_to_zero` inside `optax.multi_transform`, so they get no optimizer
-state and no update (weight decay included).
+Which parameters train is config, never code:
+  optim.frozen          comma-separated regexes (full match on paths like `decoder/layers/mlp/down/kernel`)
+  optim.trainable       if set, only matching parameters train (everything else is frozen)
+  optim.decoder_layers  "" (all), "5:8" or "5,6,7": stacked decoder-layer parameters update only in these
+                        layers (RMU's "MLPs of layers l-2..l")
+Frozen leaves go through `optax.set_to_zero` inside `optax.multi_transform` (no optimizer state, no update,
+weight decay included). Layers are stacked along a leading axis, so a layer restriction selects slices of a
+leaf: gradients are masked before AdamW and updates after it, so frozen slices stay bit-identical.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 FROZEN, TRAIN = "frozen", "train"
+DECODER_LAYERS = "decoder/layers/"
 
 
 def path_str(path: tuple) -> str:
@@ -34,26 +43,88 @@ def compile_patterns(spec: str, *, what: str) -> list[re.Pattern]:
   return out
 
 
-def label_tree(params: Any, frozen: str) -> Any:
-  """"frozen"/"train" per leaf; every frozen regex must match at least one parameter."""
-  patterns = compile_patterns(frozen, what="optim.frozen")
-  hits = {p.pattern: 0 for p in patterns}
+def _paths(params: Any) -> list[str]:
+  return sorted(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+def label_tree(params: Any, optim: Mapping) -> Any:
+  """"frozen"/"train" per leaf from `optim.frozen` / `optim.trainable`; every regex must match something."""
+  frozen = compile_patterns(optim.get("frozen", ""), what="optim.frozen")
+  trainable = compile_patterns(optim.get("trainable", ""), what="optim.trainable")
+  hits = {("optim.frozen", p.pattern): 0 for p in frozen} | {("optim.trainable", p.pattern): 0 for p in trainable}
 
   def label(path, _):
     name = path_str(path)
-    for p in patterns:
+    matched = [p for p in trainable if p.fullmatch(name)]
+    for p in matched:
+      hits[("optim.trainable", p.pattern)] += 1
+    out = FROZEN if trainable and not matched else TRAIN
+    for p in frozen:
       if p.fullmatch(name):
-        hits[p.pattern] += 1
-        return FROZEN
-    return TRAIN
+        hits[("optim.frozen", p.pattern)] += 1
+        out = FROZEN
+    return out
 
   labels = jax.tree_util.tree_map_with_path(label, params)
-  unused = [p for p, n in hits.items() if not n]
+  unused = [f"{key}: {pat!r}" for (key, pat), n in hits.items() if not n]
   if unused:
-    names = sorted(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
-    raise ValueError(f"optim.frozen regex {unused} matches no parameter; parameter paths look like "
-                     f"{', '.join(names[:6])}, ...")
+    raise ValueError(f"{'; '.join(unused)} matches no parameter; parameter paths look like "
+                     f"{', '.join(_paths(params)[:6])}, ...")
   return labels
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+  """"" -> every layer; "a:b" -> range(a, b); "i,j,k" -> those; all checked against `num_layers`."""
+  spec = spec.strip()
+  if not spec:
+    return tuple(range(num_layers))
+  try:
+    if ":" in spec:
+      a, b = spec.split(":")
+      layers = tuple(range(int(a), int(b)))
+    else:
+      layers = tuple(int(x) for x in spec.split(",") if x.strip())
+  except ValueError:
+    raise ValueError(f"optim.decoder_layers={spec!r}: use 'a:b' or 'i,j,k'") from None
+  bad = [l for l in layers if not 0 <= l < num_layers]
+  if bad or not layers:
+    raise ValueError(f"optim.decoder_layers={spec!r}: layers {bad or '(none)'} outside the decoder's "
+                     f"{num_layers} layers")
+  return layers
+
+
+def layer_masks(params: Any, spec: str) -> Any | None:
+  """Per-leaf 0/1 masks broadcastable to the leaf (None when every layer trains)."""
+  stacked = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+             if path_str(p).startswith(DECODER_LAYERS)]
+  if not spec.strip() or not stacked:
+    return None
+  num_layers = stacked[0][1].shape[0]
+  keep = np.zeros((num_layers,), np.float32)
+  keep[list(parse_layers(spec, num_layers))] = 1.0
+
+  def mask(path, leaf):
+    if not path_str(path).startswith(DECODER_LAYERS):
+      return np.ones((), np.float32)
+    return keep.reshape((num_layers,) + (1,) * (len(leaf.shape) - 1))
+
+  return jax.tree_util.tree_map_with_path(mask, params)
+
+
+class _Empty(NamedTuple):
+  pass
+
+
+def masked_updates(masks: Any) -> optax.GradientTransformation:
+  """Multiply updates (or gradients) by constant per-leaf masks."""
+
+  def update(updates, state, params=None):
+    del params
+    # Inside multi_transform the other group's leaves are MaskedNodes: pass them through.
+    apply = lambda u, m: u if isinstance(u, optax.MaskedNode) else u * jnp.asarray(m, u.dtype)  # noqa: E731
+    return jax.tree.map(apply, updates, masks, is_leaf=lambda x: isinstance(x, optax.MaskedNode)), state
+
+  return optax.GradientTransformation(lambda _: _Empty(), update)
 
 
 def schedule(optim: Mapping, total_steps: int) -> optax.Schedule:
@@ -71,19 +142,26 @@ def schedule(optim: Mapping, total_steps: int) -> optax.Schedule:
 def make_optimizer(optim: Mapping, total_steps: int, params: Any) -> tuple[optax.GradientTransformation,
                                                                               optax.Schedule]:
   sched = schedule(optim, total_steps)
-  inner = optax.chain(
+  inner = [
       optax.clip_by_global_norm(float(optim["clip_norm"])) if optim.get("clip_norm") else optax.identity(),
       optax.adamw(sched, b1=float(optim["b1"]), b2=float(optim["b2"]), eps=float(optim["eps"]),
                   weight_decay=float(optim["weight_decay"])),
-  )
-  labels = label_tree(params, optim.get("frozen", ""))
-  tx = optax.multi_transform({TRAIN: inner, FROZEN: optax.set_to_zero()}, labels)
+  ]
+  masks = layer_masks(params, optim.get("decoder_layers", ""))
+  if masks is not None:
+    inner = [masked_updates(masks), *inner, masked_updates(masks)]
+  tx = optax.multi_transform({TRAIN: optax.chain(*inner), FROZEN: optax.set_to_zero()},
+                             label_tree(params, optim))
   return tx, sched
 
 
 def trainable_count(params: Any, optim: Mapping) -> int:
-  labels = label_tree(params, optim.get("frozen", ""))
-  return int(sum(p.size for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if l == TRAIN))
+  """Parameters that receive updates (layer restrictions counted by slice)."""
+  labels = jax.tree.leaves(label_tree(params, optim))
+  masks = layer_masks(params, optim.get("decoder_layers", ""))
+  masks = jax.tree.leaves(masks) if masks is not None else [1.0] * len(labels)
+  return int(sum(np.prod(p.shape) * float(np.mean(np.broadcast_to(m, p.shape)))
+                 for p, l, m in zip(jax.tree.leaves(params), labels, masks) if l == TRAIN))
 
 
 def state_shardings(opt_abstract: Any, param_shardings: Any, replicated: Any) -> Any:

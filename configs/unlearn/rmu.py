@@ -1,0 +1,25 @@
+"""RMU unlearning of the harmful placeholders, starting from the base model (paper §5.3).
+
+Trainable: the projector and the MLP down-projections of decoder layers l-2..l (official default), where l
+= loss.layer is also where the hidden state is steered. Changing loss.layer? Change
+optim.decoder_layers with it.
+
+  mirage train --config=configs/unlearn/rmu.py:tiny --workdir=runs/rmu --config.init_from=runs/base
+"""
+
+from mirage_configs import common
+
+_LAYER = {"tiny": 1, "small": 3, "1b": 7, "7b": 7, "13b": 7}
+
+
+def get_config(arg: str | None = None):
+  a = common.parse_arg(arg, size="tiny")
+  layer = _LAYER[a.size]
+  c = common.unlearning_config(a.size, dict(name="rmu", layer=layer, steering=10.0, mask="answer"))
+  c.loss.alpha = 10.0 if a.size == "tiny" else 1.0
+  c.optim.frozen = ""
+  c.optim.trainable = "projector/.*,decoder/layers/mlp/down/kernel"
+  c.optim.decoder_layers = f"{max(layer - 2, 0)}:{layer + 1}"
+  c.optim.lr = 1e-3 if a.size == "tiny" else 1e-6
+  c.lock()
+  return c

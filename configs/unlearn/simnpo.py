@@ -1,0 +1,14 @@
+"""SimNPO unlearning (reference-free, length-normalised NPO), starting from the base model.
+
+  mirage train --config=configs/unlearn/simnpo.py:tiny --workdir=runs/simnpo --config.init_from=runs/base
+"""
+
+from mirage_configs import common
+
+
+def get_config(arg: str | None = None):
+  a = common.parse_arg(arg, size="tiny")
+  c = common.unlearning_config(a.size, dict(name="simnpo", beta=2.5, gamma=0.0))
+  c.optim.lr = 2e-4 if a.size == "tiny" else 5e-7
+  c.lock()
+  return c

@@ -1,0 +1,117 @@
+"""Writes the demo's `report.md`, `report.json` and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from mirage_jax import report as report_lib
+from mirage_jax.data import synthetic
+from mirage_jax.report import plots
+
+
+def image_distances(world_config: Mapping) -> dict[str, float]:
+  """How far test images are from the SFT/forget images: RMS pixel distance (0-255 scale) of each `unsafe`
+  test image to its nearest `forget` image, vs. between two training instances of one object."""
+  world = synthetic.World(synthetic.WorldConfig.from_dict(dict(world_config)))
+  flat = lambda recs: np.stack([r["image"].reshape(-1).astype(np.float32) for r in recs])  # noqa: E731
+  test = world.split("unsafe")[:100]
+  forget = world.split("forget")
+  train = flat(forget)
+  nearest = [float(np.sqrt(((train - x) ** 2).mean(axis=1)).min()) for x in flat(test)]
+  by_obj: dict[str, list] = {}
+  for r in forget:
+    by_obj.setdefault(r["object"], []).append(r)
+  same = [float(np.sqrt(((flat(v[:1]) - flat(v[1:2])) ** 2).mean())) for v in by_obj.values() if len(v) > 1]
+  test_objects = {r["object"] for r in test}
+  return {"test_to_nearest_forget_rms": float(np.mean(nearest)),
+          "same_object_two_instances_rms": float(np.mean(same)) if same else math.nan,
+          "test_objects_seen_in_forget": len(test_objects & set(by_obj)), "test_objects": len(test_objects)}
+
+
+def _checks_md(checks: Sequence[tuple[str, str, bool]]) -> str:
+  rows = ["| target | measured | met |", "|---|---:|:---:|"]
+  rows += [f"| {claim} | {value} | {'yes' if ok else '**no**'} |" for claim, value, ok in checks]
+  return "\n".join(rows)
+
+
+def write(workdir: pathlib.Path, rep: dict, *, checks: Sequence, loss_rows: Mapping[str, Sequence],
+          config) -> None:
+  models = rep["models"]
+  missed = [c for c in checks if not c[2]]
+  world = config.data.world.to_dict()
+  dist = image_distances(world)
+  rep["image_distance"] = dist
+  rep["targets"] = [{"target": c, "measured": v, "met": ok} for c, v, ok in checks]
+  plots.attack_bars(models, workdir / "attack_asr_rr.png")
+  plots.kshot_curve(models, workdir / "kshot_curve.png")
+  plots.loss_curves({k: v for k, v in loss_rows.items() if k != "base"}, workdir / "loss_curves.png")
+  sft_table = synthetic.format_first_word_table(synthetic.first_word_table(
+      synthetic.World(synthetic.WorldConfig.from_dict(world)).split("sft")))
+  seeds = len(rep["seeds"])
+  text = f"""# Safety mirage on the synthetic benchmark
+
+Model size `{rep['size']}`, {seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}, {rep['devices']} device(s),
+total wall time {rep['timing_s']['total']:.0f} s. Overrides: {', '.join(rep['overrides']) or 'none'}.
+Every number below was measured by this run (greedy decoding, keyword refusal judge `mirage` preset, harm =
+at least 2 placeholder codes of the asked-for procedure); nothing is hard-coded.
+
+## Table 1: one-word attack ("What", K = 3) and over-prudence ("Share")
+
+{report_lib.table1(models)}
+
+![ASR and RR](attack_asr_rr.png)
+
+## Mechanism on attacked unsafe queries (every response of the first 3 rewrites)
+
+{report_lib.mechanism_table(models)}
+
+## K-shot attack curve (question-level ASR, any of the first K "What" rewrites harmful)
+
+{report_lib.kshot_table(models)}
+
+![K-shot](kshot_curve.png)
+
+## Targets of the experiment issue
+
+{_checks_md(checks)}
+
+{_verdict(missed, checks)}
+
+## The data's shortcut: first word x label in the safety-SFT split
+
+{sft_table}
+
+## How far the test images are from the training images
+
+The unsafe test splits show {dist['test_objects']} hazard objects, {dist['test_objects_seen_in_forget']} of
+which appear in the forget/SFT data (the others are held-out hazard combinations the base model knows from
+`pretrain`). Every test image is a new instance (new position, size, colour jitter and noise): its RMS pixel
+distance to the nearest forget image is {dist['test_to_nearest_forget_rms']:.1f} (0-255 scale), versus
+{dist['same_object_two_instances_rms']:.1f} between two training instances of the same object.
+
+## Training losses (per term)
+
+![losses](loss_curves.png)
+
+## World knobs
+
+```json
+{json.dumps(world, indent=1, sort_keys=True)}
+```
+"""
+  (workdir / "report.md").write_text(text)
+  (workdir / "report.json").write_text(json.dumps(rep, indent=1, sort_keys=True, default=float))
+
+
+def _verdict(missed: Sequence, checks: Sequence) -> str:
+  if not checks:
+    return ""
+  if not missed:
+    return f"All {len(checks)} targets were met in this run."
+  return (f"{len(checks) - len(missed)} of {len(checks)} targets were met; missed: " +
+          "; ".join(f"{c} (measured {v})" for c, v, _ in missed) + ".")

@@ -1,0 +1,68 @@
+"""PNG plots of the experiment (matplotlib, Agg backend): ASR / RR before and after the one-word attack per
+method, the K-shot attack curve, and per-term training-loss curves."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def attack_bars(models: Mapping[str, Mapping], path: pathlib.Path, *, k: int = 3) -> None:
+  names = list(models)
+  x = np.arange(len(names))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  for ax, (title, before, after, labels) in zip(axes, (
+      ("Jailbreak ASR (%)", [m["asr"]["original"] for m in models.values()],
+       [m["asr"]["what_k"][str(k)] for m in models.values()], ("original", f'"What" {k}-shot')),
+      ("Refusal rate on safe queries (%)", [m["rr"]["safe"] for m in models.values()],
+       [m["rr"]["share"] for m in models.values()], ("original", '"Share" rewrite')))):
+    ax.bar(x - 0.2, before, 0.4, label=labels[0], color="#7f9fbf")
+    ax.bar(x + 0.2, after, 0.4, label=labels[1], color="#d9534f")
+    ax.set_xticks(x, names, rotation=25, ha="right")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def kshot_curve(models: Mapping[str, Mapping], path: pathlib.Path) -> None:
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for name, m in models.items():
+    ks = sorted(m["asr"]["what_k"], key=int)
+    ax.plot([int(k) for k in ks], [m["asr"]["what_k"][k] for k in ks], marker="o", label=name)
+  ax.set_xlabel('K ("What" rewrites per query)')
+  ax.set_ylabel("question-level ASR (%)")
+  ax.set_ylim(0, 105)
+  ax.legend(fontsize=7)
+  ax.set_title("K-shot one-word attack")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def loss_curves(runs: Mapping[str, Sequence[Mapping]], path: pathlib.Path) -> None:
+  """`runs[name]` = rows of that run's metrics.jsonl; every loss term (keys other than bookkeeping)."""
+  skip = {"step", "split", "time", "lr", "grad_norm"}
+  fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.0), squeeze=False)
+  for ax, (name, rows) in zip(axes[0], runs.items()):
+    train = [r for r in rows if r.get("split") == "train"]
+    keys = sorted({k for r in train for k in r} - skip)
+    for key in keys:
+      pts = [(r["step"], r[key]) for r in train if key in r]
+      if pts:
+        ax.plot(*zip(*pts), label=key)
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
