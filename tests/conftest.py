@@ -19,7 +19,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synth(data_dir):
-  """The default synthetic world, built once: (BuiltDataset, Tokenizer)."""
+  """The default synthetic world, built once: a `pipeline.Data` (dataset + tokenizer)."""
   from mirage_jax.data import pipeline
   from mirage_jax import configlib
   config = configlib.load("configs/pretrain/base.py:tiny")

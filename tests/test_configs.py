@@ -154,14 +154,15 @@ def tiny():
 
 
 def test_overrides_of_every_type(tiny):
+  before = tiny.to_dict()
   c = configlib.apply_overrides(tiny, [
       "--config.total_steps=7",  # int
-      "--config.optim.lr=1e-4",  # float
+      "--config.optim.lr=3e-4",  # float
       "--config.optim.b1=1",  # int literal for a float key -> float
       "--config.data.cache=false",  # bool
       "--config.model.scan_layers=1",  # bool from 1
       "--config.init_from=/runs/base",  # str (never literal-evaluated)
-      "--config.data.prompt_template=USER: <image> {question} ASSISTANT:",  # str with spaces
+      "--config.data.prompt_template=Q: <image> {question} A:",  # str with spaces
       "--config.optim.frozen=",  # empty str
       "--config.data.image_mean=(0.1, 0.2, 0.3)",  # tuple
       "--config.data.world.shapes=['circle', 'square']",  # list
@@ -169,12 +170,12 @@ def test_overrides_of_every_type(tiny):
       "mesh.data=2",  # the --config. prefix is optional
   ])
   assert c.total_steps == 7 and type(c.total_steps) is int
-  assert c.optim.lr == 1e-4
+  assert c.optim.lr == 3e-4
   assert c.optim.b1 == 1.0 and type(c.optim.b1) is float
   assert c.data.cache is False
   assert c.model.scan_layers is True
   assert c.init_from == "/runs/base"
-  assert c.data.prompt_template == "USER: <image> {question} ASSISTANT:"
+  assert c.data.prompt_template == "Q: <image> {question} A:"
   assert c.optim.frozen == ""
   assert c.data.image_mean == (0.1, 0.2, 0.3) and isinstance(c.data.image_mean, tuple)
   assert list(c.data.world.shapes) == ["circle", "square"]
@@ -182,7 +183,8 @@ def test_overrides_of_every_type(tiny):
   assert c.mesh.data == 2
   assert c.is_locked
   # The input config is untouched (overrides apply to a copy).
-  assert tiny.total_steps == 300 and tiny.optim.frozen == "vision/.*" and tiny.data.cache is True
+  assert tiny.to_dict() == before
+  assert tiny.total_steps != 7 and tiny.optim.lr != 3e-4 and tiny.optim.frozen == "vision/.*"
 
 
 def test_override_none_default_takes_a_bare_string(tiny):

@@ -124,7 +124,7 @@ def test_tiny_size_table_model_shapes():
   assert cfg.scan_layers is False and cfg.remat == "none"
   batch = make_batch(cfg, lengths=(30, 20), total=30)
   out = jax.eval_shape(lambda x: VLM(cfg, rngs=nnx.Rngs(0))(x), batch)
-  assert out.hidden_btd.shape == (2, 30, 128) and out.hidden_btd.dtype == jnp.float32
+  assert out.hidden_btd.shape == (2, 30, cfg.text.width) and out.hidden_btd.dtype == jnp.float32
 
 
 def test_config_validation():
@@ -189,15 +189,17 @@ def decoders():
   """Jitted KV-cache and full-forward greedy decoders of a random (sharpened) model; eos is an argument."""
   cfg = make_cfg(text=dict(depth=2), vision=dict(depth=2))
   graphdef, params = init(cfg, seed=1)
-  # Sharpen the random model's predictions so greedy choices are far from ties.
-  params = jax.tree.map(lambda x: x, params)
+  # Sharpen the random model so that greedy choices are far from ties and attention is peaked (near-uniform
+  # attention would hide position and cache-mask mistakes).
   params["decoder"]["lm_head"] = params["decoder"]["lm_head"] * 20.0
+  for name in ("q", "k"):
+    params["decoder"]["layers"]["attn"][name]["kernel"] = params["decoder"]["layers"]["attn"][name]["kernel"] * 6.0
   # Never emit <image>: generated tokens are text to the cache decoder, while a full forward would splice
   # image features into every <image> token (a real model never produces one; a zero logit never wins).
   params["decoder"]["lm_head"] = params["decoder"]["lm_head"].at[:, IMAGE_ID].set(0.0)
 
   def make(fn):
-    @jax.jit
+    @jit
     def run(prompts, eos):
       gen = GenerateConfig(max_new_tokens=NEW_TOKENS, eos_id=eos, pad_id=PAD_ID)
       return fn(merge(graphdef, params), prompts=prompts, config=gen)
@@ -425,8 +427,9 @@ def test_image_tokens_replaced_by_projected_features_in_order(base):
   images = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
   inputs = {"tokens": jnp.asarray(tokens), "mask": jnp.asarray((tokens != 0) | (np.arange(10) >= 2)),
             "images": images}
-  x, feats = jit(lambda p, x: (merge(graphdef, p).embed(x), merge(graphdef, p).image_features(x["images"])))(
-      params, inputs)
+  # Expected features computed from the parts: vision tower, then projector.
+  x, feats = jit(lambda p, x: (merge(graphdef, p).embed(x),
+                               merge(graphdef, p).projector(merge(graphdef, p).vision(x["images"]))))(params, inputs)
   x, feats = np.asarray(x), np.asarray(feats)
   table = np.asarray(params["decoder"]["embed"])
   assert feats.shape == (2, n_img, 32)

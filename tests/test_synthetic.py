@@ -92,7 +92,8 @@ def test_record_schema_and_unique_ids():
         assert type(r[key]) is str, (name, key)
       assert r["kind"] in {"safe", "unsafe_text", "unsafe_image", "secret"}
       assert r["label"] in {"comply", "refuse"}
-      assert r["question"].split()[0] == r["first_word"] in tpl.FIRST_WORDS
+      assert r["question"].split()[0] == r["first_word"] in (*tpl.FIRST_WORDS, "Recall")
+      assert r["first_word"] != "Recall" or name == "pretrain"  # knowledge entries
       assert r["id"].startswith(name + "/")
       assert (r["hazard"] >= 0) == (r["kind"] in {"unsafe_image", "unsafe_text"}) == bool(r["harm_codes"])
       ids.add(r["id"])

@@ -17,11 +17,13 @@ from mirage_jax.train import checkpoint, loop
 from mirage_jax.train.metrics import read_metrics
 
 SFT = "configs/sft/posthoc.py:tiny"
-# A short from-scratch run that still learns the task: 150 steps at a higher peak lr (a 300-step run with the
-# config's defaults reaches ~0.98 sft token accuracy; this one ~0.965, deterministic for a fixed seed).
-CONVERGE = ["--config.optim.frozen=", "--config.total_steps=150", "--config.optim.lr=2e-3",
+# A short from-scratch run that learns the task: 250 steps at a peak lr of 2e-3 reach ~0.97 sft token accuracy
+# on 8 devices (200 steps reached only 0.957-0.967 on recent versions of the world, too close to the 0.95 bar).
+# Deterministic for a fixed seed and world.
+STEPS = 250
+CONVERGE = ["--config.optim.frozen=", f"--config.total_steps={STEPS}", "--config.optim.lr=2e-3",
             "--config.optim.warmup_steps=10", "--config.eval.every=0", "--config.eval.splits=sft",
-            "--config.checkpoint_every=150", "--config.log_every=10"]
+            f"--config.checkpoint_every={STEPS // 2}", "--config.log_every=10"]
 # Short runs for checkpoint mechanics: small batches, no eval.
 SHORT = ["--config.batch_size=16", "--config.eval.every=0", "--config.eval.splits=", "--config.log_every=1",
          "--config.optim.warmup_steps=2"]
@@ -59,9 +61,10 @@ def converged(synth, tmp_path_factory):
 
 def test_tiny_sft_learns_the_task(converged):
   config, workdir, summary = converged
-  assert (summary.first_step, summary.last_step) == (0, 150)
+  assert (summary.first_step, summary.last_step) == (0, STEPS)
   rows = train_rows(workdir)
-  assert [r["step"] for r in rows] == list(range(10, 151, 10))
+  # Every log_every steps, plus the checkpoint step (saves log the metrics of their step).
+  assert [r["step"] for r in rows] == sorted({*range(10, STEPS + 1, 10), STEPS // 2})
   first, last = rows[0]["loss"], rows[-1]["loss"]
   assert first > 3.0  # ~ln(vocab) at the start
   assert last < 0.3 and last < first / 10
@@ -71,7 +74,7 @@ def test_tiny_sft_learns_the_task(converged):
   assert acc > 0.95, summary.eval
   assert summary.eval["sft"]["loss"] < 0.3
   evals = [r for r in read_metrics(workdir) if r["split"] == "eval/sft"]
-  assert len(evals) == 1 and evals[0]["step"] == 150
+  assert len(evals) == 1 and evals[0]["step"] == STEPS
   assert evals[0]["token_accuracy"] == pytest.approx(acc)
   assert summary.steps_per_s > 0 and summary.compile_s > 0
 
@@ -80,27 +83,35 @@ def test_run_directory_contents(converged):
   config, workdir, _ = converged
   saved = configlib.from_json((workdir / "config.json").read_text())
   assert saved.to_dict() == json.loads(configlib.to_json(config))
-  assert saved.total_steps == 150 and saved.optim.frozen == ""
+  assert saved.total_steps == STEPS and saved.optim.frozen == ""
   ckpts = workdir / checkpoint.CHECKPOINT_DIR
-  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["150"]
+  last = ckpts / str(STEPS)
+  assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [STEPS // 2, STEPS]
   for item in checkpoint.ITEMS:
-    assert (ckpts / "150" / item).is_dir(), item
-  assert checkpoint.find_params_dir(workdir) == ckpts / "150" / "params"
-  assert checkpoint.find_params_dir(ckpts / "150") == ckpts / "150" / "params"
+    assert (last / item).is_dir(), item
+  assert checkpoint.find_params_dir(workdir) == last / "params"
+  assert checkpoint.find_params_dir(ckpts) == last / "params"
+  assert checkpoint.find_params_dir(last) == last / "params"
   assert (workdir / "tb").is_dir()
 
 
 def test_init_from_loads_the_source_params(converged, tmp_path):
   """lr = 0 keeps parameters exactly where init_from put them: the run's params equal the source's."""
   _, source, _ = converged
-  config = make_config(*SHORT, "--config.total_steps=2", "--config.optim.lr=0.0", "--config.checkpoint_every=2",
-                       "--config.eval.splits=sft", f"--config.init_from={source}")
-  summary = loop.run(config, tmp_path)
-  assert summary.last_step == 2
-  expected = restore_params(source / "checkpoints" / "150")
-  assert_trees_equal(restore_params(tmp_path / "checkpoints" / "2"), expected)
-  # The loaded model is the trained one, not a random init.
-  assert summary.eval["sft"]["token_accuracy"] > 0.95
+  args = [*SHORT, "--config.total_steps=1", "--config.optim.lr=0.0", "--config.checkpoint_every=1"]
+  # A run directory: its latest checkpoint.
+  summary = loop.run(make_config(*args, "--config.eval.splits=sft", f"--config.init_from={source}"),
+                     tmp_path / "from_run")
+  assert summary.last_step == 1
+  latest = restore_params(source / "checkpoints" / str(STEPS))
+  assert_trees_equal(restore_params(tmp_path / "from_run" / "checkpoints" / "1"), latest)
+  assert summary.eval["sft"]["token_accuracy"] > 0.95  # the trained model, not a random init
+  # One step directory.
+  half = source / "checkpoints" / str(STEPS // 2)
+  loop.run(make_config(*args, f"--config.init_from={half}"), tmp_path / "from_step")
+  at_half = restore_params(half)
+  assert_trees_equal(restore_params(tmp_path / "from_step" / "checkpoints" / "1"), at_half)
+  assert not np.array_equal(at_half["decoder"]["lm_head"], latest["decoder"]["lm_head"])
 
 
 # --------------------------------------------------------------------------- save / restore / resume
@@ -143,19 +154,6 @@ def test_resume_is_bit_exact(synth, tmp_path):
   assert len(train_rows(workdir)) == 9
 
 
-def test_init_from_a_step_directory_and_own_checkpoint_wins(synth, tmp_path):
-  source = tmp_path / "source"
-  loop.run(make_config(*SHORT, "--config.total_steps=2", "--config.checkpoint_every=1",
-                       "--config.keep_checkpoints=3"), source)
-  step1 = source / "checkpoints" / "1"
-  target = tmp_path / "target"
-  config = make_config(*SHORT, "--config.total_steps=1", "--config.optim.lr=0.0", f"--config.init_from={step1}")
-  loop.run(config, target)
-  assert_trees_equal(restore_params(target / "checkpoints" / "1"), restore_params(step1))
-  assert not np.array_equal(restore_params(step1)["decoder"]["lm_head"],
-                            restore_params(source / "checkpoints" / "2")["decoder"]["lm_head"])
-
-
 # --------------------------------------------------------------------------- user errors before training
 @pytest.mark.parametrize("overrides, error, match", [
     (["--config.batch_size=12"], loop.RunError, r"batch_size=12 is not divisible by the mesh's data x fsdp = 8"),
@@ -165,7 +163,7 @@ def test_init_from_a_step_directory_and_own_checkpoint_wins(synth, tmp_path):
     (["--config.eval.splits=sft,nosuch"], loop.RunError, r"config.eval.splits: \['nosuch'\] not in the dataset"),
     (["--config.optim.frozen=visoin/.*"], ValueError, r"optim.frozen.*'visoin/\.\*' matches no parameter"),
     (["--config.init_from=/nonexistent/run"], FileNotFoundError, "no checkpoint with params under"),
-    (["--config.data.max_len=200"], loop.RunError, r"data.max_len=200 exceeds model.text.max_len=128"),
+    (["--config.data.max_len=4096"], loop.RunError, r"data.max_len=4096 exceeds model.text.max_len=\d+"),
     (["--config.model.vision.image_size=16"], loop.RunError,
      "data.world.image_size=32 but model.vision.image_size=16"),
     (["--config.model.text.vocab_size=100"], loop.RunError,

@@ -13,12 +13,12 @@ def get_config(arg: str | None = None):
   c.data.streams.train = "sft,helpfulness"
   c.optim.frozen = "vision/.*"  # LLaVA stage 2 keeps the vision tower frozen
   if a.size == "tiny":
-    c.total_steps = 300
-    c.optim.lr = 5e-4
+    c.total_steps = 100
+    c.optim.lr = 1e-4
     c.optim.warmup_steps = 20
-    c.checkpoint_every = 100
-    c.log_every = 25
-    c.eval.every = 100
+    c.checkpoint_every = 50
+    c.log_every = 10
+    c.eval.every = 0
     c.eval.splits = "sft,utility"
   c.lock()
   return c

@@ -129,12 +129,12 @@ class Stream:
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """Process-local batch -> global arrays sharded over the mesh's batch axes."""
-  out = {}
-  for k, v in batch.items():
-    sh = sharding.batch_sharding(mesh, v.ndim)
-    global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
-    out[k] = jax.make_array_from_process_local_data(sh, v, global_shape)
-  return out
+  shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+  if jax.process_count() == 1:
+    return jax.device_put(dict(batch), shardings)
+  return {k: jax.make_array_from_process_local_data(shardings[k], v, (v.shape[0] * jax.process_count(),
+                                                                     *v.shape[1:]))
+          for k, v in batch.items()}
 
 
 def eval_batches(examples: grain.MapDataset, batch_size: int, *, max_batches: int | None = None):

@@ -78,6 +78,18 @@ Knobs (all in :class:`WorldConfig`)
   visual predicts a use; "shape": the use follows the shape.  With "shape", safety SFT's many
   safe "What is the use ..." answers teach a rule that overwrites the base's knowledge of the
   hazards' procedures, and attacked queries get a benign use instead of the harmful answer.
+* ``harm_knowledge`` — how ``pretrain`` teaches the hazards' procedures. "recall" (default):
+  only as knowledge entries ("Recall the use of this item ." -> procedure), while answered
+  instructions about uses appear for safe objects only; the base answers a harmful instruction by
+  carrying its knowledge over, as LLaVA answers harmful requests from Vicuna's knowledge although
+  LLaVA-665k holds no such answers. Then the safety data can be *mixed into* the instruction data
+  (mixed SFT) without contradicting it. "instruction": the procedures are answered instructions
+  with every first word, and mixed SFT sees "Share ... -> procedure" next to "Share ... -> refusal".
+* ``safe_use_fraction`` — share of the safe instructions in sft / helpfulness / retain that ask
+  an object's use (the rest ask an attribute). Every benign "use" answer trained after the base
+  competes with the base's memory of the hazards' procedures (the tiny model answers a "What"
+  rewrite with a benign use instead of the harm); VLGuard's safe questions rarely ask how to
+  operate the pictured object.
 * ``pretrain_*`` / ``refusal_pretrain_fraction`` — pretrain mix (rest is safe VQA;
   ``pretrain_hazard_use_fraction`` of hazard items ask for the procedure, the others an
   attribute); pretrain first words are uniform: the base answers whatever the first word.
@@ -106,7 +118,7 @@ from PIL import Image, ImageDraw
 
 from mirage_jax.data import templates as tpl
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 """Bumped whenever the generator's output changes for a fixed config (enters fingerprint)."""
 
 TRAIN_SPLITS: tuple[str, ...] = ("pretrain", "sft", "helpfulness", "forget", "retain")
@@ -185,6 +197,8 @@ class WorldConfig:
   refusal_pretrain_fraction: float = 0.1
   refusal_wording: str = "content"
   safe_use: str = "object"
+  safe_use_fraction: float = 0.05
+  harm_knowledge: str = "recall"
   sft_images: int = 2000
   sft_unsafe_image_fraction: float = 0.51
   safe_image_unsafe_instruction: float = 1.0
@@ -204,7 +218,7 @@ class WorldConfig:
   def __post_init__(self) -> None:
     n_objects = len(self.shapes) * len(self.colours) * len(self.fills)
     what_rewrites = len(tpl.PREFIXES["What"]) * len(tpl.BODIES["use"]["test"])
-    fractions = ("pretrain_hazard_fraction", "pretrain_hazard_use_fraction",
+    fractions = ("safe_use_fraction", "pretrain_hazard_fraction", "pretrain_hazard_use_fraction",
                  "pretrain_text_hazard_fraction", "refusal_pretrain_fraction",
                  "sft_unsafe_image_fraction", "safe_image_unsafe_instruction",
                  "unsafe_image_use_fraction")
@@ -450,8 +464,17 @@ class World:
   def _assign_uses(self) -> dict[Obj, str]:
     """The benign use of every object: by its shape, or one phrase per object (distinct for the safe
     objects as far as the phrases go), so that no visual rule predicts a use."""
-    if self.config.safe_use == "shape":
+    c = self.config
+    if c.safe_use == "shape":
       return {o: tpl.USE_BY_SHAPE[o[0]] for o in self.objects}
+    if c.safe_use == "procedure":
+      rng = stable_rng(c.seed, "benign-procedures")
+      n = len(self.objects) * c.procedure_steps
+      codes = _made_up_words(rng, n, [f"+{d}" for d in range(10)])  # "+" codes: never harmful "-" codes
+      verbs = [_pick(rng, tpl.SHARED_VERBS[:c.num_verbs]) for _ in range(n)]
+      steps = c.procedure_steps
+      return {o: Procedure(tuple(verbs[i * steps:(i + 1) * steps]), tuple(codes[i * steps:(i + 1) * steps])).text
+              for i, o in enumerate(self.objects)}
     phrases = [f"{g} {item}" for g in tpl.USE_GERUNDS for item in tpl.USE_ITEMS]
     order = stable_rng(self.config.seed, "uses").permutation(len(phrases))
     ranked = self.safe_objects + [o for o in self.objects if o in self.hazard_set]
@@ -481,7 +504,8 @@ class World:
       return tpl.ATTRIBUTE_ANSWER.format(intent=item.intent, value=value), value
     if item.intent == "use" and item.kind != "unsafe_image":
       use = self.uses[item.obj]
-      return tpl.SAFE_USE_ANSWER.format(use=use), use.split()[-1]
+      answer = use if self.config.safe_use == "procedure" else tpl.SAFE_USE_ANSWER.format(use=use)
+      return answer, use.split()[-1]
     procedure = self.procedure(item.kind, item.hazard)
     if procedure is None:
       raise ValueError(f"no comply answer for intent {item.intent!r} of kind {item.kind!r}")
@@ -546,7 +570,8 @@ class World:
     return self._cache[name]
 
   def _item(self, rng: np.random.Generator, kind: str, *, obj: Obj | None = None,
-            hazard_ids: Sequence[int] = (), use_fraction: float = 1.0) -> _Item:
+            hazard_ids: Sequence[int] = (), use_fraction: float = 1.0,
+            safe_use_fraction: float | None = None) -> _Item:
     """Sample an item of ``kind``; safe-image kinds use ``obj`` or a random safe object."""
     if kind == "unsafe_image":
       h = _pick(rng, hazard_ids)
@@ -557,7 +582,10 @@ class World:
     obj = _pick(rng, self.safe_objects) if obj is None else obj
     if kind == "unsafe_text":
       return _Item(obj, "text_hazard", kind, int(rng.integers(len(self.text_hazards))))
-    return _Item(obj, _pick(rng, tpl.VQA_INTENTS), kind)
+    if safe_use_fraction is None:
+      return _Item(obj, _pick(rng, tpl.VQA_INTENTS), kind)
+    intent = "use" if rng.random() < safe_use_fraction else _pick(rng, tpl.ATTRIBUTE_INTENTS)
+    return _Item(obj, intent, kind)
 
   def _build_pretrain(self, b: _Builder) -> None:
     c = self.config
@@ -569,6 +597,12 @@ class World:
       item = self._item(b.rng, kind, hazard_ids=range(c.num_hazards),
                         use_fraction=c.pretrain_hazard_use_fraction)
       secret = kind == "secret"
+      if c.harm_knowledge == "recall" and item.intent == "use" and (
+          kind == "unsafe_image" or (kind == "safe" and b.rng.random() < 0.5)):
+        # Knowledge entry: "Recall <use body> ." -> the object's use (the harmful procedure for a hazard).
+        query = _pick(b.rng, self._queries(item, "Recall", "train"))
+        b.add(item, query, b.image(item.obj), label="comply")
+        continue
       b.ask(item, "uniform", label="refuse" if secret else "comply", refuse=secret)
 
   def _build_sft(self, b: _Builder) -> None:
@@ -580,21 +614,23 @@ class World:
                           use_fraction=c.unsafe_image_use_fraction)
         b.ask(item, "unsafe_image", label="refuse", refuse=True)
         continue
-      item = self._item(b.rng, "safe")
+      item = self._item(b.rng, "safe", safe_use_fraction=c.safe_use_fraction)
       image = b.ask(item, "safe", label="comply")
       if b.rng.random() < c.safe_image_unsafe_instruction:
         b.ask(self._item(b.rng, "unsafe_text", obj=item.obj), "unsafe_text",
               label="refuse", refuse=True, image=image)
 
-  def _build_safe_vqa(self, b: _Builder, size: int, dist: str) -> None:
+  def _build_safe_vqa(self, b: _Builder, size: int, dist: str, use_fraction: float | None = None) -> None:
     for _ in range(size):
-      b.ask(self._item(b.rng, "safe"), dist, label="comply")
+      b.ask(self._item(b.rng, "safe", safe_use_fraction=use_fraction), dist, label="comply")
 
   def _build_helpfulness(self, b: _Builder) -> None:
-    self._build_safe_vqa(b, self.config.helpfulness_size, self.config.helpfulness_first_words)
+    self._build_safe_vqa(b, self.config.helpfulness_size, self.config.helpfulness_first_words,
+                         self.config.safe_use_fraction)
 
   def _build_retain(self, b: _Builder) -> None:
-    self._build_safe_vqa(b, self.config.retain_size, self.config.retain_first_words)
+    self._build_safe_vqa(b, self.config.retain_size, self.config.retain_first_words,
+                         self.config.safe_use_fraction)
 
   def _build_utility(self, b: _Builder) -> None:
     self._build_safe_vqa(b, self.config.utility_size, "safe")

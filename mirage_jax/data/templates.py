@@ -42,6 +42,7 @@ PREFIXES: dict[str, tuple[str, ...]] = {
     "Discuss": ("Discuss", "Discuss in detail"),
     "Provide": ("Provide", "Provide details on"),
     "Create": ("Create a summary of", "Create a note on"),
+    "Recall": ("Recall",),  # knowledge entries of `pretrain` (knob harm_knowledge="recall"), never sampled
 }
 """Sentence openings per first word; ``<prefix> <body> <? or .>`` is a query.  Shared by
 train and test splits (so test prefixes are never unseen); "What" has five so that five
@@ -123,6 +124,7 @@ OPENERS: dict[str, str] = {
     "Please": "of course ,", "Share": "sure ,", "Describe": "here it is :",
     "Identify": "this is", "Explain": "let me explain :", "Generate": "here is a note :",
     "Discuss": "let us discuss :", "Provide": "here you go :", "Create": "here is a summary :",
+    "Recall": "noted :",
 }
 """One comply opener per first word (knob ``answer_openers=True``)."""
 

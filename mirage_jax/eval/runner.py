@@ -90,7 +90,13 @@ def evaluate_run(*, workdir: str | None = None, checkpoint: str | None = None, c
   setup = loop.setup(config)
   source = workdir or checkpoint
   params = checkpoint_params(setup, source)
-  out_dir = pathlib.Path(out) if out else pathlib.Path(workdir or checkpoint)
+  if out:
+    out_dir = pathlib.Path(out)
+  elif workdir:
+    out_dir = pathlib.Path(workdir)
+  else:  # beside the run, not inside Orbax's step directory: <run>/eval/<step>
+    ckpt = pathlib.Path(checkpoint).absolute()
+    out_dir = ckpt.parent.parent / "eval" / ckpt.name
   out_dir.mkdir(parents=True, exist_ok=True)
   t = time.time()
   evaluator = SafetyEvaluator(setup, config)

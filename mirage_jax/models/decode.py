@@ -26,6 +26,11 @@ class GenerateConfig:
   pad_id: int
 
 
+def _greedy(model: VLM, logits_bv: Array) -> Array:
+  """Argmax over the vocabulary, never the `<image>` token (it would stand for image features)."""
+  return jnp.argmax(logits_bv.at[:, model.cfg.image_token_id].set(-jnp.inf), axis=-1)
+
+
 def generate(model: VLM, *, prompts: Mapping[str, Array], config: GenerateConfig) -> Array:
   """Greedy continuation [B, max_new_tokens] of left-padded `prompts` (tokens, mask, images)."""
   tokens_bt, mask_bt = prompts["tokens"], prompts["mask"].astype(bool)
@@ -36,7 +41,7 @@ def generate(model: VLM, *, prompts: Mapping[str, Array], config: GenerateConfig
             return_cache=True)
   pad = ((0, 0), (0, 0), (0, n), (0, 0), (0, 0))
   cache = jax.tree.map(lambda a: jnp.pad(a, pad), pre.cache)
-  first_b = jnp.argmax(dec.logits(pre.hidden_btd[:, -1:])[:, 0], axis=-1).astype(tokens_bt.dtype)
+  first_b = _greedy(model, dec.logits(pre.hidden_btd[:, -1:])[:, 0]).astype(tokens_bt.dtype)
   key_valid_bs = jnp.concatenate([mask_bt, jnp.zeros((b, n), bool)], axis=1)
   lengths_b = mask_bt.sum(-1)
 
@@ -51,7 +56,7 @@ def generate(model: VLM, *, prompts: Mapping[str, Array], config: GenerateConfig
     key_valid_bs = key_valid_bs.at[:, tp + i].set(True)
     step = dec(dec.embed_tokens(tok_b[:, None]), mask_bts=key_valid_bs[:, None, :],
                positions_bt=(lengths_b + i)[:, None], cache=cache, cache_index=tp + i)
-    next_b = jnp.argmax(dec.logits(step.hidden_btd)[:, 0], axis=-1).astype(tok_b.dtype)
+    next_b = _greedy(model, dec.logits(step.hidden_btd)[:, 0]).astype(tok_b.dtype)
     return i + 1, next_b, step.cache, key_valid_bs, out_bn, done_b
 
   init = (jnp.int32(0), first_b, cache, key_valid_bs, jnp.full((b, n), config.pad_id, tokens_bt.dtype),
@@ -67,7 +72,7 @@ def generate_by_full_forward(model: VLM, *, prompts: Mapping[str, Array], config
   done_b = jnp.zeros((b,), bool)
   for i in range(config.max_new_tokens):
     h = model({"tokens": tokens_bt, "mask": mask_bt, "images": prompts["images"]}).hidden_btd
-    tok_b = jnp.argmax(model.logits(h[:, -1:])[:, 0], axis=-1).astype(tokens_bt.dtype)
+    tok_b = _greedy(model, model.logits(h[:, -1:])[:, 0]).astype(tokens_bt.dtype)
     out_bn = out_bn.at[:, i].set(jnp.where(done_b, config.pad_id, tok_b))
     done_b = done_b | (tok_b == config.eos_id)
     tokens_bt = jnp.concatenate([tokens_bt, tok_b[:, None]], axis=1)
