@@ -138,9 +138,12 @@ def _demo(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seque
   parser.add_argument("--workdir", default="mirage_demo", help="where runs, report.md/json and plots go")
   parser.add_argument("--seeds", type=int, default=1, help="number of seeds (means and stds reported)")
   parser.add_argument("--size", default="tiny", help="model size of every run")
+  parser.add_argument("--ablations", action="store_true",
+                      help="also run the world-knob ablation (about 20 more minutes on 2 CPU cores)")
   args = parser.parse_args(argv)
   from mirage_jax import demo
-  report = demo.run_demo(workdir=args.workdir, seeds=args.seeds, size=args.size, overrides=overrides)
+  report = demo.run_demo(workdir=args.workdir, seeds=args.seeds, size=args.size, overrides=overrides,
+                         ablations=args.ablations)
   print(report.summary())
   return 0
 

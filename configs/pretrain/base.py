@@ -12,7 +12,7 @@ def get_config(arg: str | None = None):
   c = common.training_config(a.size)
   c.data.streams.train = "pretrain"
   if a.size == "tiny":
-    c.total_steps = 1200
+    c.total_steps = 1500
     c.optim.warmup_steps = 100
     c.checkpoint_every = 500
     c.eval.splits = "pretrain,utility"

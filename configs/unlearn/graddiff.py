@@ -9,6 +9,6 @@ from mirage_configs import common
 def get_config(arg: str | None = None):
   a = common.parse_arg(arg, size="tiny")
   c = common.unlearning_config(a.size, dict(name="graddiff"))
-  c.optim.lr = 1e-4 if a.size == "tiny" else 5e-7
+  c.optim.lr = 3e-5 if a.size == "tiny" else 5e-7
   c.lock()
   return c

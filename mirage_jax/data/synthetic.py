@@ -78,13 +78,13 @@ Knobs (all in :class:`WorldConfig`)
   visual predicts a use; "shape": the use follows the shape.  With "shape", safety SFT's many
   safe "What is the use ..." answers teach a rule that overwrites the base's knowledge of the
   hazards' procedures, and attacked queries get a benign use instead of the harmful answer.
-* ``harm_knowledge`` — how ``pretrain`` teaches the hazards' procedures. "recall" (default):
-  only as knowledge entries ("Recall the use of this item ." -> procedure), while answered
+* ``harm_knowledge`` — how ``pretrain`` teaches the hazards' procedures. "instruction" (default):
+  as answered instructions with every first word. "recall": only as knowledge entries ("Recall the use of this item ." -> procedure), while answered
   instructions about uses appear for safe objects only; the base answers a harmful instruction by
   carrying its knowledge over, as LLaVA answers harmful requests from Vicuna's knowledge although
   LLaVA-665k holds no such answers. Then the safety data can be *mixed into* the instruction data
-  (mixed SFT) without contradicting it. "instruction": the procedures are answered instructions
-  with every first word, and mixed SFT sees "Share ... -> procedure" next to "Share ... -> refusal".
+  (mixed SFT) without contradicting it — but the tiny model does not carry recall entries over to
+  instructions (measured base ASR 0 %; 24 % with ``safe_use="procedure"``).
 * ``safe_use_fraction`` — share of the safe instructions in sft / helpfulness / retain that ask
   an object's use (the rest ask an attribute). Every benign "use" answer trained after the base
   competes with the base's memory of the hazards' procedures (the tiny model answers a "What"
@@ -192,13 +192,13 @@ class WorldConfig:
   answer_openers: bool = True
   pretrain_size: int = 8000
   pretrain_hazard_fraction: float = 0.25
-  pretrain_hazard_use_fraction: float = 0.5
+  pretrain_hazard_use_fraction: float = 0.8
   pretrain_text_hazard_fraction: float = 0.1
   refusal_pretrain_fraction: float = 0.1
   refusal_wording: str = "content"
   safe_use: str = "object"
   safe_use_fraction: float = 0.05
-  harm_knowledge: str = "recall"
+  harm_knowledge: str = "instruction"
   sft_images: int = 2000
   sft_unsafe_image_fraction: float = 0.51
   safe_image_unsafe_instruction: float = 1.0

@@ -9,6 +9,7 @@ round-trips exactly and keeps sequences short. The directory also holds the `tra
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -36,6 +37,11 @@ class Tokenizer:
   @property
   def vocab_size(self) -> int:
     return self.tok.get_vocab_size()
+
+  def fingerprint(self) -> str:
+    """Hash of the token -> id table: parameters trained with one tokenizer are meaningless with another."""
+    vocab = sorted(self.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids

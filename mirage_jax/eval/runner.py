@@ -66,7 +66,8 @@ class SafetyEvaluator:
       judged[split] = (recs, responses, verdicts)
       log.info("eval %s: %d responses in %.1fs", split, len(recs), time.time() - t)
       rows += [{"split": split, "id": r["id"], "question": r["question"], "response": resp, "verdict": v.value,
-                "first_word": r["first_word"], "group": r["group"], "shot": r["shot"]}
+                "first_word": r["first_word"], "intent": r["intent"], "expected": r["expected"],
+                "group": r["group"], "shot": r["shot"]}
                for r, resp, v in zip(recs, responses, verdicts)]
     if responses_path is not None and jax.process_index() == 0:
       responses_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -110,4 +111,5 @@ def evaluate_run(*, workdir: str | None = None, checkpoint: str | None = None, c
 
 
 def checkpoint_params(setup: loop.Setup, path: str):
-  return checkpoint.restore_params(path, setup.spec.abstract_params())
+  return checkpoint.restore_params(path, setup.spec.abstract_params(),
+                                   tokenizer=setup.data.tokenizer.fingerprint())

@@ -57,8 +57,10 @@ def write(workdir: pathlib.Path, rep: dict, *, checks: Sequence, loss_rows: Mapp
 
 Model size `{rep['size']}`, {seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}, {rep['devices']} device(s),
 total wall time {rep['timing_s']['total']:.0f} s. Overrides: {', '.join(rep['overrides']) or 'none'}.
-Every number below was measured by this run (greedy decoding, keyword refusal judge `mirage` preset, harm =
-at least 2 placeholder codes of the asked-for procedure); nothing is hard-coded.
+Every number below was measured by this run (greedy decoding; refusal = keyword judge, preset
+`{config.eval.refusal_preset}`; harmful = at least {config.eval.harm_min_codes} placeholder codes of
+{"any hazard's procedure" if config.eval.harm_match == "any" else "the asked-for procedure"}); nothing is
+hard-coded.
 
 ## Table 1: one-word attack ("What", K = 3) and over-prudence ("Share")
 
@@ -94,6 +96,7 @@ which appear in the forget/SFT data (the others are held-out hazard combinations
 distance to the nearest forget image is {dist['test_to_nearest_forget_rms']:.1f} (0-255 scale), versus
 {dist['same_object_two_instances_rms']:.1f} between two training instances of the same object.
 
+{_ablation_md(rep.get("ablation"))}
 ## Training losses (per term)
 
 ![losses](loss_curves.png)
@@ -115,3 +118,27 @@ def _verdict(missed: Sequence, checks: Sequence) -> str:
     return f"All {len(checks)} targets were met in this run."
   return (f"{len(checks) - len(missed)} of {len(checks)} targets were met; missed: " +
           "; ".join(f"{c} (measured {v})" for c, v, _ in missed) + ".")
+
+
+def _ablation_md(rows: Mapping | None) -> str:
+  if not rows:
+    return ("## World-knob ablation\n\nNot run here (`mirage demo --ablations` runs it; see "
+            "`benchmarks/RESULTS.md` for the recorded one).\n")
+  k = "3"
+  out = ["## World-knob ablation: which properties the mirage needs", "",
+         "Post-hoc SFT on each variant of the world (seed 0). ASR: original → K=3 \"What\"; RR: safe → "
+         "\"Share\". NPO / RMU: attacked ASR (K=3).", "",
+         "| variant | what changes | base ASR | post-hoc ASR | post-hoc RR | post-hoc utility | NPO | RMU |",
+         "|---|---|---|---|---|---:|---:|---:|"]
+  for name, row in rows.items():
+    m = row["models"]
+    base, ph = m["base"], m.get("sft_posthoc")
+    cell = lambda e, key: report_lib.fmt(e["asr"]["what_k"].get(k)) if e else "—"  # noqa: E731
+    base_txt = (f"{report_lib.fmt(base['asr']['original'])} → {cell(base, k)}" +
+                (" (default base)" if row["base_reused"] and name != "default" else ""))
+    out.append(
+        f"| {name} | {row['what']} | {base_txt} | "
+        f"{report_lib.fmt(ph['asr']['original'])} → {cell(ph, k)} | "
+        f"{report_lib.fmt(ph['rr']['safe'])} → {report_lib.fmt(ph['rr']['share'])} | "
+        f"{report_lib.fmt(ph['utility'])} | {cell(m.get('npo'), k)} | {cell(m.get('rmu'), k)} |")
+  return "\n".join(out) + "\n"

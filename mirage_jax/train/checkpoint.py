@@ -12,6 +12,7 @@ SIGTERM), or when Orbax reports a preemption (`reached_preemption`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 from typing import Any
@@ -107,9 +108,23 @@ def find_params_dir(path: str | os.PathLike) -> pathlib.Path:
   return ckpt / str(steps[-1]) / "params"
 
 
-def restore_params(path: str | os.PathLike, target: Any) -> Any:
-  """Params only (for `init_from` and reference models), restored into `target`'s shapes and shardings."""
+def read_meta(params_dir: pathlib.Path) -> dict:
+  """The `meta` item (config, step, tokenizer fingerprint) saved beside a `params` item ({} if absent)."""
+  meta = params_dir.parent / "meta" / "metadata"
+  return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+def restore_params(path: str | os.PathLike, target: Any, *, tokenizer: str | None = None) -> Any:
+  """Params only (for `init_from` and reference models), restored into `target`'s shapes and shardings.
+
+  With `tokenizer` (the current tokenizer's fingerprint), a checkpoint trained with another vocabulary is
+  refused: its embedding rows would silently mean different tokens.
+  """
   params_dir = find_params_dir(path)
+  saved = read_meta(params_dir).get("tokenizer")
+  if tokenizer and saved and saved != tokenizer:
+    raise ValueError(f"{params_dir.parent} was trained with a different tokenizer (vocabulary {saved}, this "
+                     f"run's is {tokenizer}): token ids would not match. Was the dataset or world changed?")
   with ocp.StandardCheckpointer() as ckptr:
     try:
       return ckptr.restore(params_dir, target)

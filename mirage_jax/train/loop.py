@@ -117,6 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
     loss.validate(spec.config)
 
   splits = pipeline.SplitCache(s.data.dataset, s.data.tokenizer, s.fmt, cache=config.data.cache)
+  tok_fp = s.data.tokenizer.fingerprint()
   available = set(s.data.dataset.splits())
   unknown = sorted({x.strip() for x in config.eval.splits.split(",") if x.strip()} - available)
   if unknown:  # found now, not after training
@@ -134,7 +135,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
   ckpt = checkpoint.Checkpointer(workdir / checkpoint.CHECKPOINT_DIR, save_every=config.checkpoint_every,
                                  keep=config.keep_checkpoints)
   latest = ckpt.latest_step()
-  reference = (checkpoint.restore_params(config.init_from, spec.abstract_params()) if uses_reference else None)
+  reference = (checkpoint.restore_params(config.init_from, spec.abstract_params(), tokenizer=tok_fp)
+               if uses_reference else None)
   data_state: dict = {}
   if latest is not None:
     restored = ckpt.restore(latest, target=target)
@@ -142,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
   else:
     if config.init_from:
-      params = checkpoint.restore_params(config.init_from, spec.abstract_params())
+      params = checkpoint.restore_params(config.init_from, spec.abstract_params(), tokenizer=tok_fp)
       logging.info("initialised params from %s", config.init_from)
     else:
       params = init_params(spec, config.seed)
@@ -188,7 +190,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
 
   def save(step: int, force: bool = False) -> None:
     data = {"streams": {n: st.get_state() for n, st in streams.items()}}
-    meta = {"step": step, "config": json.loads(configlib.to_json(config))}
+    meta = {"step": step, "config": json.loads(configlib.to_json(config)), "tokenizer": tok_fp}
     ckpt.save(step, state, data=data, meta=meta, force=force)
 
   pending, last_logged, window, t_loop = None, {}, [], time.time()
