@@ -6,29 +6,24 @@ Installs three import packages from this repository:
   mirage_configs  the experiment configs (source folder `configs/`), so installed code can find them
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+
+def _renamed(name: str, folder: str) -> dict[str, str]:
+  """{import name: source folder} for `folder` and its subpackages, installed under the import name `name`."""
+  subs = find_packages(where=folder)
+  return {name: folder, **{f"{name}.{p}": f"{folder}/{p.replace('.', '/')}" for p in subs}}
+
+
+RENAMED = {**_renamed("mirage_kernels", "kernels"), **_renamed("mirage_configs", "configs")}
 
 setup(
     name="mirage_jax",
     version="0.1.0",
     description="Studying and fixing the safety mirage of VLMs: safety SFT vs unlearning, in JAX/Flax",
     python_requires=">=3.11",
-    packages=[
-        "mirage_jax", "mirage_jax.models", "mirage_jax.data", "mirage_jax.losses", "mirage_jax.train",
-        "mirage_jax.eval", "mirage_jax.audit", "mirage_jax.report",
-        "mirage_kernels", "mirage_kernels.token_logprob",
-        "mirage_configs", "mirage_configs.pretrain", "mirage_configs.sft", "mirage_configs.unlearn",
-        "mirage_configs.ablations",
-    ],
-    package_dir={
-        "mirage_kernels": "kernels",
-        "mirage_kernels.token_logprob": "kernels/token_logprob",
-        "mirage_configs": "configs",
-        "mirage_configs.pretrain": "configs/pretrain",
-        "mirage_configs.sft": "configs/sft",
-        "mirage_configs.unlearn": "configs/unlearn",
-        "mirage_configs.ablations": "configs/ablations",
-    },
+    packages=[*find_packages(include=["mirage_jax", "mirage_jax.*"]), *RENAMED],
+    package_dir=RENAMED,
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
@@ -49,7 +44,9 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        # jax[tpu] installs libtpu (TPU AOT-compile tests); torch (the CPU wheel) runs HF PyTorch parity tests
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "jax[tpu]>=0.10.2", "torch==2.13.0"],
+        "hf": ["torch==2.13.0"],  # `mirage convert check-parity` and benchmarks/vs_hf.py
         "tpu": ["jax[tpu]>=0.10.2"],
         "gpu": ["jax[cuda13]>=0.10.2"],
     },

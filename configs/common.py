@@ -81,6 +81,7 @@ def training_config(size: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.log_every = 50
   c.init_from = ""  # a run directory (its latest checkpoint) or a checkpoint step directory
+  c.skip_nonfinite = False  # True: skip (and count) steps with a non-finite loss/grad instead of stopping
   c.mesh = ml_collections.ConfigDict(dict(MESH_PRESETS[preset], preset=preset))
   c.model = models.model_config(size)
 
@@ -108,7 +109,7 @@ def training_config(size: str) -> ml_collections.ConfigDict:
       image_std=(0.5, 0.5, 0.5) if size == "tiny" else CLIP_STD,
       cache=True,  # preprocess each split once and keep it in memory
   ))
-  c.loss = ml_collections.ConfigDict(dict(name="sft", logprob_impl="reference"))
+  c.loss = ml_collections.ConfigDict(dict(name="sft", logprob_impl="auto"))  # see losses/logprob.py
   c.eval = ml_collections.ConfigDict(dict(
       every=500, splits="sft", batch_size=batch, max_batches=4,  # teacher-forced loss / token accuracy
       # `mirage eval`: greedy generation on the test splits, judged (mirage_jax.eval.judges)
@@ -124,7 +125,7 @@ def unlearning_config(size: str, loss: dict) -> ml_collections.ConfigDict:
   paper's composite objective `forget + alpha * retain + ft_weight * CE(retain)` set by `loss`."""
   c = training_config(size)
   c.data.streams = ml_collections.ConfigDict(dict(forget="forget", retain="retain"))
-  c.loss = ml_collections.ConfigDict(dict(logprob_impl="reference", alpha=1.0, ft_weight=1.0, **loss))
+  c.loss = ml_collections.ConfigDict(dict(logprob_impl="auto", alpha=1.0, ft_weight=1.0, **loss))
   c.optim.frozen = "vision/.*"
   c.optim.schedule = "constant"
   c.eval.splits = "forget,retain"

@@ -69,3 +69,23 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       remat="none" if size == "tiny" else "full",
       scan_layers=size != "tiny",  # unrolled layers run faster for a 4-layer model on CPU
   ))
+
+
+# Tiny-family variants for size ablations on CPU (only `tiny` trains in minutes there). They are not rows of
+# SIZES (every config's `arg` stays one of SIZES): an ablation builds a `tiny` config and applies
+# `variant_overrides(name)`, which also sets `model.size` to the variant's name so reports can tell them apart.
+TINY_VARIANTS = {
+    "tiny_xs": dict(text=dict(width=64, depth=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=192)),
+    "tiny": {},
+    "tiny_l": dict(text=dict(width=128, depth=6, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384)),
+}
+
+
+def variant_overrides(name: str) -> list[str]:
+  """`--config.model...=v` overrides turning a `tiny` config into the tiny-family variant `name`."""
+  if name not in TINY_VARIANTS:
+    raise ValueError(f"unknown tiny variant {name!r}; valid: {', '.join(TINY_VARIANTS)}")
+  out = [f"--config.model.size={name}"] if name != "tiny" else []
+  for group, values in TINY_VARIANTS[name].items():
+    out += [f"--config.model.{group}.{k}={v}" for k, v in values.items()]
+  return out

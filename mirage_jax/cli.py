@@ -3,8 +3,14 @@
   mirage train    --config=configs/sft/posthoc.py:tiny --workdir=W [--config.key=value ...]
   mirage eval     --workdir=W | --checkpoint=STEP_DIR [--splits=...]
   mirage describe --config=configs/unlearn/npo.py:7b [--devices=256]
-  mirage data     build | stats
-  mirage demo     --workdir=W [--seeds=N]
+  mirage data     build [--name=vlguard --manual_dir=DIR --model=CKPT_DIR] [--lenient] | stats
+  mirage convert  hf-to-jax --hf=DIR --out=W | jax-to-hf --ckpt=W --out=DIR | check-parity --hf=DIR
+  mirage demo     --workdir=W [--seeds=N] [--ablations]
+  mirage checksum --workdir=W
+  mirage sweep    --config=configs/ablations/sizes.py:cpu [--workdir=W] [--launcher=local|tpu_vm|slurm] [--dry-run]
+  mirage report   --runs=DIR [DIR ...] [--out=DIR]   (table + plot over every eval.json)
+  mirage audit    --data=synth:sft --out=DIR   (shortcut words of a dataset)
+  mirage attack   --checkpoint=RUN --split=unsafe --search=beam --out=DIR
 
 User errors (bad config key, missing file, bad data) print one line `mirage: error: ...` and exit 2; set
 MIRAGE_DEBUG=1 for the traceback.
@@ -61,7 +67,20 @@ def _train(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequ
   summary = loop.run(_load_config(args.config, overrides), args.workdir)
   _print_json({"workdir": summary.workdir, "steps": [summary.first_step, summary.last_step],
                "final": summary.final, "eval": summary.eval, "wall_s": round(summary.wall_s, 1),
-               "compile_s": round(summary.compile_s, 1), "steps_per_s": round(summary.steps_per_s, 2)})
+               "compile_s": round(summary.compile_s, 1), "steps_per_s": round(summary.steps_per_s, 2),
+               "stopped": summary.stopped, "skipped_steps": summary.skipped_steps})
+  if summary.stopped:
+    print(f"mirage train: stopped by {summary.stopped} after saving step {summary.last_step}; rerun the same "
+          "command to resume", file=sys.stderr)
+  return 0
+
+
+@command("checksum", "step and params SHA-256 of a run's latest checkpoint (compare runs bit for bit)")
+def _checksum(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
+  parser.add_argument("--workdir", required=True, help="a run directory (or a checkpoint step directory)")
+  args = parser.parse_args(argv)
+  from mirage_jax.train import checkpoint
+  print(json.dumps(checkpoint.checksum(args.workdir), sort_keys=True))
   return 0
 
 
@@ -97,11 +116,44 @@ def _describe(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: S
   return 0
 
 
+@command("compile", "AOT-compile a config's train step for a TPU topology from this host; memory per device")
+def _compile(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
+  parser.add_argument("--config", required=True, help="e.g. configs/unlearn/npo.py:7b")
+  parser.add_argument("--topology", required=True, help="<chip>:<shape>, e.g. v5e:16x16, v5p:4x4x4")
+  parser.add_argument("--mesh", default="", help="axis sizes, e.g. fsdp:-1,tensor:4 (default: the config's)")
+  parser.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
+  parser.add_argument("--max_batch", action="store_true",
+                      help="search the largest global batch that fits in HBM (several compiles)")
+  args = parser.parse_args(argv)
+  from mirage_jax import compile as aot
+  config = _load_config(args.config, overrides)
+  with config.unlocked():
+    config.mesh.update(aot.parse_mesh(args.mesh))
+    config.batch_size = args.batch or config.batch_size
+  devices = aot.topology_devices(args.topology)
+  result = aot.compile_train_step(config, devices, topology=args.topology).to_json()
+  if args.max_batch:
+    result["max_global_batch"], tried = aot.max_batch(config, devices, topology=args.topology)
+    result["max_batch_tried"] = {r.global_batch: r.total_bytes for r in tried}
+  result["config"] = args.config
+  print(json.dumps(result, sort_keys=True))
+  if not result["fits"]:
+    need = result["total_bytes"] if result["total_bytes"] >= 0 else result["temp_bytes"]
+    print(f"mirage compile: {need / 2**30:.1f} GiB per device (at least) exceeds the "
+          f"{result['hbm_bytes'] / 2**30:.0f} GiB HBM of {result['device_kind']}", file=sys.stderr)
+    return 1
+  return 0
+
+
 @command("data", "build a dataset or print its first-word x label statistics")
 def _data(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
   sub = parser.add_subparsers(dest="action", required=True)
   build = sub.add_parser("build", help="build a TFDS dataset (array_record, PNG images)")
-  build.add_argument("--name", default="mirage_synth", choices=["mirage_synth"])
+  build.add_argument("--name", default="mirage_synth", choices=["mirage_synth", "vlguard"])
+  build.add_argument("--lenient", action="store_true",
+                     help="skip bad input records, count them and write a rejects file (default: stop)")
+  from mirage_jax.data import vlguard
+  vlguard.add_build_arguments(build)
   stats = sub.add_parser("stats", help="first word x label table of a split")
   stats.add_argument("--split", default="sft")
   stats.add_argument("--path", default="", help="a built dataset directory (default: the config's)")
@@ -111,6 +163,9 @@ def _data(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seque
     p.add_argument("--data_dir", default="", help="root of built datasets (default: $MIRAGE_DATA_DIR or "
                                                   "~/.cache/mirage_jax/data)")
   args = parser.parse_args(argv)
+  if args.action == "build" and args.name == "vlguard":
+    print(json.dumps(vlguard.build_from_args(args), indent=1))
+    return 0
   config = _load_config(args.config, overrides)
   from mirage_jax.data import pipeline, synthetic
   data_cfg = config.data.to_dict()
@@ -140,12 +195,147 @@ def _demo(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seque
   parser.add_argument("--size", default="tiny", help="model size of every run")
   parser.add_argument("--ablations", action="store_true",
                       help="also run the world-knob ablation (about 20 more minutes on 2 CPU cores)")
+  parser.add_argument("--no_audit", action="store_true",
+                      help="skip the shortcut audit and attack search against seed 0's models")
   args = parser.parse_args(argv)
   from mirage_jax import demo
   report = demo.run_demo(workdir=args.workdir, seeds=args.seeds, size=args.size, overrides=overrides,
-                         ablations=args.ablations)
+                         ablations=args.ablations, audit=not args.no_audit)
   print(report.summary())
   return 0
+
+
+@command("audit", "rank the words and n-grams of a safety dataset that predict refuse vs comply (shortcuts)")
+def _audit(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
+  parser.add_argument("--data", required=True,
+                      help="synth[:SPLIT] (default world, in memory), a built dataset DIR[:SPLIT] (synthetic or "
+                           "VLGuard), VLGuard's train.json, or a JSONL of {\"instruction\", \"label\"} rows")
+  parser.add_argument("--out", required=True, help="writes shortcuts.json/.md/.png and summary.json here")
+  parser.add_argument("--label_source", default="auto", choices=["auto", "field", "judge"],
+                      help="label field, or the refusal judge on the response (auto: field when present)")
+  parser.add_argument("--max_n", type=int, default=3, help="longest n-gram")
+  parser.add_argument("--min_count", type=int, default=5, help="test grams seen in at least this many rows")
+  parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the CIs")
+  parser.add_argument("--top", type=int, default=15, help="rows to print")
+  args = parser.parse_args(argv)
+  from mirage_jax.audit import shortcuts
+  config = shortcuts.AuditConfig(max_n=args.max_n, min_count=args.min_count, bootstrap=args.bootstrap)
+  result = shortcuts.run_audit(args.data, out_dir=args.out, config=config, label_source=args.label_source)
+  print(shortcuts.format_table(result.rows[:args.top]))
+  _print_json({**result.summary(), "files": result.files})
+  return 0
+
+
+@command("attack", "search word substitutions that flip a trained model (on logits), verify by generation")
+def _attack(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
+  parser.add_argument("--checkpoint", required=True, help="a run directory or a checkpoint step directory")
+  parser.add_argument("--split", default="unsafe", help="queries to attack (unsafe: jailbreak; safe: over-prudence)")
+  parser.add_argument("--goal", default="", choices=["", "jailbreak", "overprudence"],
+                      help="default: jailbreak for refuse-labelled queries, else overprudence")
+  parser.add_argument("--search", default="beam", choices=["exhaustive", "greedy", "beam"])
+  parser.add_argument("--positions", default="first", choices=["first", "any"],
+                      help="edit only the first k words, or anywhere")
+  parser.add_argument("--k", type=int, default=1, help="most edits per query (1..3)")
+  parser.add_argument("--candidates", default="auto",
+                      help="auto (the audit's top words + the data's first words) or a file, one word per line")
+  parser.add_argument("--out", default="", help="writes attack.json/.md, attack_set.jsonl, plots here")
+  parser.add_argument("--shots", type=int, default=3, help="rewrites kept per query (the K of K-shot ASR)")
+  parser.add_argument("--beam_width", type=int, default=4)
+  parser.add_argument("--max_queries", type=int, default=0, help="attack only the first N queries (0: all)")
+  parser.add_argument("--no_verify", action="store_true", help="skip the verification by generation")
+  parser.add_argument("--evaluate", default="",
+                      help="instead of searching: evaluate a saved attack_set.jsonl against --checkpoint")
+  args = parser.parse_args(argv)
+  from mirage_jax.audit import attack
+  if args.evaluate:
+    _print_json(attack.evaluate_attack_set(args.evaluate, checkpoint=args.checkpoint, overrides=overrides))
+    return 0
+  if not args.out:
+    raise ValueError("--out=DIR is required (or --evaluate=ATTACK_SET.jsonl)")
+  result = attack.run_attack(args.checkpoint, split=args.split, goal=args.goal or None, search=args.search,
+                             positions=args.positions, k=args.k, candidates=args.candidates, out_dir=args.out,
+                             shots=args.shots, beam_width=args.beam_width, max_queries=args.max_queries,
+                             verify=not args.no_verify, overrides=overrides)
+  print(attack.markdown(result))
+  return 0
+
+
+@command("sweep", "print or run one command per point of an ablation sweep (configs/ablations/*.py)")
+def _sweep(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
+  from mirage_jax import sweep
+  parser.add_argument("--config", required=True, help="sweep config[:arg], e.g. configs/ablations/sizes.py:cpu; "
+                                                      "--config.x=y sets its knobs")
+  parser.add_argument("--workdir", default=None, help="every point's run goes to <workdir>/<point name> "
+                                                     "(default: runs/<sweep config name>)")
+  parser.add_argument("--launcher", default="local", choices=sweep.LAUNCHERS)
+  parser.add_argument("--launcher_args", default="", help="extra arguments for the launcher, e.g. "
+                                                          "\"--name=my-v5e --zone=us-west4-a\" (tpu_vm) or "
+                                                          "\"--nodes=4 --partition=gpu\" (slurm)")
+  parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                      help="print the commands (a bash script) instead of running them")
+  args = parser.parse_args(argv)
+  sw = sweep.load(args.config, overrides=overrides)
+  workdir = args.workdir
+  if workdir is None:
+    workdir = os.path.join("runs", os.path.basename(args.config.partition(":")[0]).removesuffix(".py"))
+  plan = sweep.make_plan(sw, workdir=workdir, launcher=args.launcher, launcher_args=args.launcher_args)
+  if args.dry_run:
+    print(sweep.script(plan), end="")
+  else:
+    sweep.execute(plan)
+  return 0
+
+
+@command("report", "one markdown + CSV table (and ASR/RR vs size plot) over every eval.json under run dirs")
+def _report(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
+  parser.add_argument("--runs", nargs="+", action="extend", default=[], required=True,
+                      help="directories searched for eval.json (--runs=A B C works too)")
+  parser.add_argument("more_runs", nargs="*", help=argparse.SUPPRESS)
+  parser.add_argument("--out", default="", help="where runs.md, runs.csv and the plot go (default: the first "
+                                                "--runs directory)")
+  args = parser.parse_args(argv)
+  from mirage_jax.report import runs
+  dirs = [*args.runs, *args.more_runs]
+  files = runs.write(dirs, out=args.out or dirs[0])
+  print(files.markdown.read_text())
+  print(f"mirage report: {files.runs} runs, {files.settings} settings -> {files.markdown}, {files.csv}, "
+        f"{files.plot}", file=sys.stderr)
+  return 0
+
+
+@command("convert", "Hugging Face LLaVA checkpoints <-> mirage checkpoints, and logit parity against PyTorch")
+def _convert(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
+  sub = parser.add_subparsers(dest="action", required=True)
+  to_jax = sub.add_parser("hf-to-jax", help="transformers LLaVA dir -> Orbax checkpoint + mirage config")
+  to_jax.add_argument("--hf", required=True, help="dir with config.json and model.safetensors(.index.json)")
+  to_jax.add_argument("--out", required=True, help="new run directory (checkpoints/0, config.json, tokenizer/)")
+  to_jax.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"])
+  to_jax.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+  to_jax.add_argument("--base", default="", help="training defaults of this size (default: by parameter count)")
+  to_hf = sub.add_parser("jax-to-hf", help="mirage checkpoint -> a directory transformers loads")
+  to_hf.add_argument("--ckpt", required=True, help="a run directory or a checkpoint step directory")
+  to_hf.add_argument("--out", required=True)
+  to_hf.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+  to_hf.add_argument("--max_shard_gb", type=float, default=5.0)
+  parity = sub.add_parser("check-parity", help="HF PyTorch vs converted Flax logits (needs torch: the hf extra)")
+  parity.add_argument("--hf", required=True)
+  parity.add_argument("--tolerance", type=float, default=1e-4, help="exit 1 above this max |logit diff|")
+  parity.add_argument("--seed", type=int, default=0)
+  parity.add_argument("--batch", type=int, default=2)
+  args = parser.parse_args(argv)
+  if overrides:
+    raise ValueError(f"mirage convert takes no --config.* overrides (got {overrides[0]})")
+  from mirage_jax.models import hf_convert
+  if args.action == "hf-to-jax":
+    out = hf_convert.hf_to_jax(args.hf, args.out, dtype=args.dtype, param_dtype=args.param_dtype, base=args.base)
+  elif args.action == "jax-to-hf":
+    out = hf_convert.jax_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+  else:
+    from mirage_jax.models import hf_parity
+    out = hf_parity.check_parity(args.hf, hf_parity.ParityConfig(seed=args.seed, batch=args.batch,
+                                                                 tol=args.tolerance))
+  print(json.dumps(out, sort_keys=True))
+  return 0 if out.get("ok", True) else 1
 
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:

@@ -46,15 +46,22 @@ def resolve_path(path: str) -> pathlib.Path:
                                                          f"; available: {', '.join(known)}"))
 
 
-def load(spec: str) -> ml_collections.ConfigDict:
-  """`"configs/sft/posthoc.py:tiny"` -> the locked ConfigDict returned by that file's `get_config(arg)`."""
-  path, _, arg = spec.partition(":")
+def load_module(path: str):
+  """The Python module of a config file (resolved like `resolve_path`); it must define `get_config`."""
   file = resolve_path(path)
   module_spec = importlib.util.spec_from_file_location(f"_mirage_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{file} has no get_config(arg) function")
+  return module
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """`"configs/sft/posthoc.py:tiny"` -> the locked ConfigDict returned by that file's `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  module = load_module(path)
+  file = module.__file__
   try:
     config = module.get_config(arg or None)
   except ValueError as e:

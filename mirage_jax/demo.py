@@ -4,7 +4,9 @@ Data -> base -> mixed and post-hoc SFT, NPO, RMU, GradDiff, SimNPO (all from the
 model -> `report.md`, `report.json` and plots. Every stage is an ordinary config + `mirage train` run; its
 directory name carries a content hash of its config (and of its upstream stage), so rerunning reuses finished
 stages and resumes interrupted ones. `--config.x=y` overrides apply to every stage that has key x.
-`mirage demo --ablations` adds the world-knob ablation (`mirage_jax.ablation`).
+`mirage demo --ablations` adds the world-knob ablation (`mirage_jax.ablation`). Unless `audit=False`, the
+shortcut audit of the training data and the attack search against seed 0's models (`mirage_jax.audit.summary`)
+go to `audit/` and `report.json["audit"]`.
 """
 
 from __future__ import annotations
@@ -129,13 +131,13 @@ class DemoResult:
 
 
 def run_demo(*, workdir: str | pathlib.Path, seeds: int = 1, size: str = "tiny", overrides: Sequence[str] = (),
-             stages: Sequence[str] = (), ablations: bool = False) -> DemoResult:
+             stages: Sequence[str] = (), ablations: bool = False, audit: bool = True) -> DemoResult:
   t0 = time.time()
   workdir = pathlib.Path(workdir)
   chosen = [s for s in STAGES if not stages or s.name in stages]
   configs = stage_configs(chosen, size, overrides)
   runs = StageRunner(workdir / "runs")
-  per_seed, run_dirs = [], {}
+  per_seed, run_dirs, seed0_dirs = [], {}, {}
   for seed in range(seeds):
     results, done = {}, {}
     for i, stage in enumerate(chosen):
@@ -144,6 +146,8 @@ def run_demo(*, workdir: str | pathlib.Path, seeds: int = 1, size: str = "tiny",
                                       label=f"[seed {seed} · {i + 1}/{len(chosen)} · {time.time() - t0:.0f} s]")
       done[stage.name] = (run_dir, fp)
       run_dirs[stage.name] = run_dir
+      if seed == 0:
+        seed0_dirs[stage.name] = run_dir
       results[stage.name] = report_lib.model_entry(metrics)
     per_seed.append(results)
   models = report_lib.aggregate(per_seed)
@@ -155,6 +159,11 @@ def run_demo(*, workdir: str | pathlib.Path, seeds: int = 1, size: str = "tiny",
     from mirage_jax import ablation
     rep["ablation"] = ablation.run_ablation(runs, size=size, overrides=overrides)
     rep["timing_s"]["total_with_ablation"] = time.time() - t0
+  if audit:
+    from mirage_jax.audit import summary as audit_summary
+    rep["audit"] = audit_summary.run_cached(seed0_dirs, configs={k: configs[k] for k in seed0_dirs},
+                                            out_dir=workdir / "audit")
+    rep["timing_s"]["audit"] = rep["audit"]["timing_s"]
   checks = report_lib.target_checks(models)
   loss_rows = {name: metrics_lib.read_metrics(d) for name, d in run_dirs.items()}
   document.write(workdir, rep, checks=checks, loss_rows=loss_rows, config=next(iter(configs.values())))

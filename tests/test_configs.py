@@ -22,7 +22,8 @@ from mirage_jax.describe import describe
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(
     p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.py")
-    if p.name not in ("__init__.py", "common.py", "models.py") and "def get_config" in p.read_text())
+    if p.name not in ("__init__.py", "common.py", "models.py") and "def get_config" in p.read_text()
+    and p.parent.name != "ablations")  # sweep configs (their own knobs): tests/test_sweep.py
 SIZES = tuple(models.SIZES)
 REQUIRED_KEYS = ("total_steps", "batch_size", "seed", "checkpoint_every", "log_every", "mesh", "init_from")
 # Parameter counts of the real LLaVA-1.5 models (HF `llava-hf/llava-1.5-{7,13}b-hf`, 32000-token vocabulary).

@@ -18,7 +18,8 @@ FAST = ["--config.total_steps=2", "--config.batch_size=8", "--config.checkpoint_
 
 
 def test_demo_report_shape_and_reuse(tmp_path, data_dir):
-  out = demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD, *FAST], stages=("base", "sft_posthoc", "npo"))
+  out = demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD, *FAST], stages=("base", "sft_posthoc", "npo"),
+                      audit=False)
   rep = json.loads((tmp_path / "report.json").read_text())
   assert set(rep["models"]) == {"base", "sft_posthoc", "npo"}
   for entry in rep["models"].values():
@@ -34,19 +35,20 @@ def test_demo_report_shape_and_reuse(tmp_path, data_dir):
   assert out.checks and all(len(c) == 3 for c in out.checks)
   # Rerunning reuses every finished stage: nothing is trained again, the numbers are identical.
   runs_before = sorted(p.name for p in (tmp_path / "runs").iterdir())
-  again = demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD, *FAST], stages=("base", "sft_posthoc", "npo"))
+  again = demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD, *FAST], stages=("base", "sft_posthoc", "npo"),
+                        audit=False)
   assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs_before
   assert again.report["models"] == rep["models"]
   # A changed upstream (the base's config) changes every downstream stage's directory.
   demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD, *FAST, "--config.optim.lr=0.002"],
-                stages=("base", "sft_posthoc"))
+                stages=("base", "sft_posthoc"), audit=False)
   assert len(list((tmp_path / "runs").iterdir())) == len(runs_before) + 2
 
 
 def test_demo_override_matching_no_stage(tmp_path):
   from mirage_jax.configlib import ConfigError
   with pytest.raises(ConfigError, match="matches no stage"):
-    demo.run_demo(workdir=tmp_path, overrides=["--config.loss.no_such_knob=1"], stages=("base",))
+    demo.run_demo(workdir=tmp_path, overrides=["--config.loss.no_such_knob=1"], stages=("base",), audit=False)
 
 
 def test_aggregate_adds_std_over_seeds():

@@ -137,6 +137,16 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
           for k, v in batch.items()}
 
 
+def abstract_batches(config, *, streams: tuple[str, ...], image_size: int, mesh) -> dict:
+  """Global-batch ShapeDtypeStructs (with shardings) of each stream: what the train step receives."""
+  b, t = config.batch_size, config.data.max_len
+  shapes = {"tokens": (b, t), "mask": (b, t), "loss_mask": (b, t), "query_mask": (b, t), "row": (b,),
+            "images": (b, image_size, image_size, 3)}
+  one = {k: jax.ShapeDtypeStruct(s, np.float32 if k == "images" else np.int32,
+                                 sharding=sharding.batch_sharding(mesh, len(s))) for k, s in shapes.items()}
+  return {name: dict(one) for name in streams}
+
+
 def eval_batches(examples: grain.MapDataset, batch_size: int, *, max_batches: int | None = None):
   """Finite sequential batches over a split; the last batch is padded with `weight` = 0 rows."""
   n = len(examples)

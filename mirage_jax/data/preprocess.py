@@ -3,6 +3,12 @@
 Training rows are `[BOS] prompt answer [EOS] pad...` (right-padded) with `loss_mask` = 1 exactly on the
 answer tokens and the EOS; the prompt's single `<image>` token is expanded to one token per image feature.
 Generation prompts are left-padded so that every row's next token lands in the same KV-cache slot.
+
+Text is encoded jointly, as one string, the way HF processors do: the templated prompt (system text, question,
+role markers) in one call, and prompt + " " + answer in one call for training. Subword tokenizers (LLaMA's
+sentencepiece-BPE, byte-level BPE) tokenize a piece differently alone than inside its context (a word after
+a newline has no leading-space marker, one after a space does), so the question's and the answer's token spans
+are found from the character offsets of the joint encoding, never by encoding them separately.
 """
 
 from __future__ import annotations
@@ -14,7 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from mirage_jax.data import images
 from mirage_jax.data.tokenizer import IMAGE, Tokenizer
+
+
+# LLaVA-1.5's `llava_v1` conversation template (the official safety evaluation's; training used `vicuna_v1`,
+# which says "user" for "human"): system prompt, "USER: <image>\n{question} ASSISTANT:", answer, "</s>".
+LLAVA_V1_TEMPLATE = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                     "helpful, detailed, and polite answers to the human's questions. USER: <image>\n{question} "
+                     "ASSISTANT:")
+ANSWER_SEPARATOR = " "  # between the prompt and the answer (LLaVA's `sep`)
 
 
 class Overflow(str, enum.Enum):
@@ -67,19 +82,42 @@ def _text(x: Any) -> str:
 class Prompt:
   ids: list[int]  # [BOS] + template with the question, `<image>` expanded
   question: tuple[int, int]  # [start, end) of the question's own tokens in `ids`
+  text: str = ""  # the templated prompt text (before `<image>` expansion)
+  raw: tuple[int, ...] = ()  # the prompt text's ids, without BOS and before `<image>` expansion
 
 
 def encode_prompt(question: str, tok: Tokenizer, fmt: TextFormat) -> Prompt:
-  """The templated prompt; the question is encoded on its own so its span is exact."""
+  """The templated prompt, encoded jointly; the question's span comes from the character offsets."""
   before, after = fmt.prompt_template.split("{question}", 1)
-  pre, q, post = tok.encode(before), tok.encode(question), tok.encode(after)
-  n_img = (pre + post).count(tok.image_id)
-  if n_img != 1 or tok.image_id in q:
+  text = before + question + after
+  ids, offsets = tok.encode_with_offsets(text)
+  q0, q1 = len(before), len(before) + len(question)
+  images = [i for i, t in enumerate(ids) if t == tok.image_id]
+  in_question = [i for i in images if q0 <= offsets[i][0] < q1]
+  if len(images) != 1 or in_question:
     raise ValueError(f"the prompt must contain exactly one {IMAGE} token (in the template, not the question), "
-                     f"found {n_img + q.count(tok.image_id)}: {question!r}")
-  expand = lambda part: [t for i in part for t in ([i] * fmt.num_image_tokens if i == tok.image_id else [i])]  # noqa: E731
-  pre, post = [tok.bos_id] + expand(pre), expand(post)
-  return Prompt(ids=pre + q + post, question=(len(pre), len(pre) + len(q)))
+                     f"found {len(images)}: {question!r}")
+  inside = [i for i, (start, end) in enumerate(offsets) if start < q1 and end > q0 and ids[i] != tok.image_id]
+  if inside:
+    q_start, q_end = inside[0], inside[-1] + 1
+  else:  # an empty question: an empty span where it would start
+    q_start = q_end = next((i for i, (start, _) in enumerate(offsets) if start >= q1), len(ids))
+  shift = 1 + (fmt.num_image_tokens - 1 if images[0] < q_start else 0)  # BOS + the expanded image
+  img = images[0]
+  expanded = [tok.bos_id] + ids[:img] + [tok.image_id] * fmt.num_image_tokens + ids[img + 1:]
+  return Prompt(ids=expanded, question=(q_start + shift, q_end + shift), text=text, raw=tuple(ids))
+
+
+def encode_answer(prompt: Prompt, answer: str, tok: Tokenizer) -> list[int]:
+  """The answer's ids as they tokenize after the prompt (prompt + " " + answer encoded jointly).
+
+  If the joint encoding does not start with the prompt's own ids (a token straddles the boundary, which
+  whitespace-splitting tokenizers never do), the answer is encoded alone, so that training prompts always
+  equal generation prompts.
+  """
+  ids, _ = tok.encode_with_offsets(prompt.text + ANSWER_SEPARATOR + answer)
+  n = len(prompt.raw)
+  return ids[n:] if tuple(ids[:n]) == prompt.raw else tok.encode(answer)
 
 
 def prompt_ids(question: str, tok: Tokenizer, fmt: TextFormat) -> list[int]:
@@ -88,8 +126,7 @@ def prompt_ids(question: str, tok: Tokenizer, fmt: TextFormat) -> list[int]:
 
 
 def normalize_image(image_hwc: np.ndarray, fmt: TextFormat) -> np.ndarray:
-  x = np.asarray(image_hwc, np.float32) / 255.0
-  return (x - np.asarray(fmt.image_mean, np.float32)) / np.asarray(fmt.image_std, np.float32)
+  return images.normalize(image_hwc, fmt.image_mean, fmt.image_std)
 
 
 def training_example(rec: Mapping[str, Any], tok: Tokenizer, fmt: TextFormat) -> dict[str, np.ndarray]:
@@ -97,7 +134,7 @@ def training_example(rec: Mapping[str, Any], tok: Tokenizer, fmt: TextFormat) ->
   normalised image; `truncated` counts cut answers."""
   encoded = encode_prompt(_text(rec["question"]), tok, fmt)
   prompt = encoded.ids
-  answer = tok.encode(_text(rec["answer"])) + [tok.eos_id]
+  answer = encode_answer(encoded, _text(rec["answer"]), tok) + [tok.eos_id]
   n = len(prompt) + len(answer)
   truncated = 0
   if n > fmt.max_len:

@@ -498,7 +498,6 @@ class World:
 
   def _content(self, item: _Item) -> tuple[str, str]:
     """(comply content, expected key word) of an item; the key word is "" for harm."""
-    shape = item.obj[0]
     if item.intent in tpl.ATTRIBUTE_INTENTS:
       value = item.obj[("shape", "colour", "fill").index(item.intent)]
       return tpl.ATTRIBUTE_ANSWER.format(intent=item.intent, value=value), value

@@ -1,9 +1,13 @@
 """Tokenizers: a word-level HF `tokenizers` model built from the synthetic world's vocabulary, saved with
-the data, plus the special-token contract every tokenizer in mirage_jax meets (pad, BOS, EOS, `<image>`).
+the data, or a pretrained tokenizer read with `transformers` (`Tokenizer.from_hf`, e.g. LLaVA-1.5's LLaMA
+sentencepiece-BPE), plus the special-token contract every tokenizer in mirage_jax meets (pad, BOS, EOS,
+`<image>`).
 
 The synthetic corpus is space-separated (punctuation is its own word), so a whitespace word-level tokenizer
-round-trips exactly and keeps sequences short. The directory also holds the `transformers` files
-(`tokenizer_config.json`), so `transformers.AutoTokenizer.from_pretrained(dir)` loads the same tokenizer.
+round-trips exactly and keeps sequences short. A saved tokenizer directory holds `tokenizer.json` (the
+`tokenizers` pipeline), `mirage_tokenizer.json` (which tokens are pad/BOS/EOS/`<image>`) and the
+`transformers` files (`tokenizer_config.json`), so `transformers.AutoTokenizer.from_pretrained(dir)` loads
+the same tokenizer.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and each token's [start, end) character span in `text` (for spans of jointly encoded text)."""
+    enc = self.tok.encode(text, add_special_tokens=False)
+    return enc.ids, [tuple(o) for o in enc.offsets]
+
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
@@ -58,6 +67,52 @@ class Tokenizer:
         break
       out.append(i)
     return self.tok.decode(out, skip_special_tokens=True)
+
+  def save(self, directory: str | os.PathLike) -> None:
+    """Write the tokenizer so that `Tokenizer.load` (and `transformers.AutoTokenizer`) read it back."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    self.tok.save(str(directory / "tokenizer.json"))
+    names = {k: self.tok.id_to_token(getattr(self, f"{k}_id")) for k in ("pad", "bos", "eos", "image")}
+    (directory / _META).write_text(json.dumps(names))
+    unk = UNK if self.tok.token_to_id(UNK) is not None else None
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names["bos"], "eos_token": names["eos"],
+        "pad_token": names["pad"], "unk_token": unk, "extra_special_tokens": [names["image"]],
+        "model_max_length": 1 << 20,
+    }, indent=1))
+
+  @classmethod
+  def from_hf(cls, directory: str | os.PathLike, *, image_token: str = IMAGE) -> "Tokenizer":
+    """A pretrained tokenizer directory read with `transformers.AutoTokenizer` (offline).
+
+    The encoding pipeline is the one transformers builds (its `backend_tokenizer`), so ids match the HF
+    processor's. The pad id falls back to the unknown token (LLaVA-1.5 pads with `<unk>`); `image_token`
+    must be one token of the vocabulary (LLaVA-1.5-hf adds `<image>` as id 32000).
+    """
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+      raise FileNotFoundError(f"tokenizer directory {directory} not found")
+    from transformers import AutoTokenizer  # imported lazily: slow, and only needed here
+    try:
+      hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"cannot load a transformers tokenizer from {directory}: {e}") from None
+    backend = getattr(hf, "backend_tokenizer", None)
+    if not isinstance(backend, tokenizers.Tokenizer):
+      raise ValueError(f"the tokenizer in {directory} ({type(hf).__name__}) has no `tokenizers` backend")
+    image_id = backend.token_to_id(image_token)
+    if image_id is None:
+      raise ValueError(f"tokenizer in {directory} has no {image_token!r} token (LLaVA tokenizers add it)")
+    pad_id = hf.pad_token_id if hf.pad_token_id is not None else hf.unk_token_id
+    ids = {"pad_id": pad_id, "bos_id": hf.bos_token_id, "eos_id": hf.eos_token_id}
+    missing = [k for k, v in ids.items() if v is None]
+    if missing:
+      raise ValueError(f"tokenizer in {directory} lacks special tokens for {missing}")
+    backend = tokenizers.Tokenizer.from_str(backend.to_str())  # our own copy, never padding or truncating
+    backend.no_padding()
+    backend.no_truncation()
+    return cls(tok=backend, image_id=image_id, **ids)
 
   @classmethod
   def load(cls, directory: str | os.PathLike) -> "Tokenizer":
@@ -90,10 +145,7 @@ def build_word_tokenizer(words: Iterable[str], out_dir: str | os.PathLike) -> To
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
   tok.add_special_tokens(list(SPECIALS))
-  tok.save(str(out_dir / "tokenizer.json"))
-  (out_dir / _META).write_text(json.dumps({"pad": PAD, "bos": BOS, "eos": EOS, "image": IMAGE}))
-  (out_dir / "tokenizer_config.json").write_text(json.dumps({
-      "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-      "unk_token": UNK, "extra_special_tokens": [IMAGE], "model_max_length": 1 << 20,
-  }, indent=1))
+  ids = {f"{name}_id": tok.token_to_id(t) for name, t in (("pad", PAD), ("bos", BOS), ("eos", EOS),
+                                                          ("image", IMAGE))}
+  Tokenizer(tok=tok, **ids).save(out_dir)
   return Tokenizer.load(out_dir)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from mirage_jax.losses import composite
+from mirage_jax.losses import composite, logprob
 
 
 class GradDiff:
@@ -17,7 +17,7 @@ class GradDiff:
 
   def __init__(self, config: Mapping):
     self.weights = composite.Weights.from_config(config)
-    self.impl = config.get("logprob_impl", "reference")
+    self.impl = config.get("logprob_impl", logprob.DEFAULT_IMPL)
 
   def __call__(self, model, *, batches, reference=None, extras=None):
     forget_nll = composite.score(model, batches["forget"], impl=self.impl).token_mean_nll()

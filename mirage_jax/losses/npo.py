@@ -56,7 +56,7 @@ class NPO:
     self.retain = _choice(config, "retain", RETAIN, "nll")
     self.reference_cache = bool(config.get("reference_cache", False))
     self.weights = composite.Weights.from_config(config)
-    self.impl = config.get("logprob_impl", "reference")
+    self.impl = config.get("logprob_impl", logprob.DEFAULT_IMPL)
 
   @property
   def needs_reference(self) -> bool:

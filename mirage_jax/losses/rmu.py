@@ -64,7 +64,7 @@ class RMU:
     if self.mask not in MASKS:
       raise ValueError(f"loss.mask={self.mask!r}; valid: {MASKS}")
     self.weights = composite.Weights.from_config(config)
-    self.impl = config.get("logprob_impl", "reference")
+    self.impl = config.get("logprob_impl", logprob.DEFAULT_IMPL)
 
   def validate(self, model_config) -> None:
     depth = model_config.text.depth

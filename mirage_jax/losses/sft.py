@@ -36,7 +36,7 @@ class SFT:
   needs_reference = False
 
   def __init__(self, config: Mapping):
-    self.impl = config.get("logprob_impl", "reference")
+    self.impl = config.get("logprob_impl", logprob.DEFAULT_IMPL)
 
   def __call__(self, model, *, batches: Mapping[str, Mapping[str, Array]], reference=None, extras=None):
     del reference, extras

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from mirage_jax.losses import composite
+from mirage_jax.losses import composite, logprob
 
 
 class SimNPO:
@@ -24,7 +24,7 @@ class SimNPO:
     if self.beta <= 0:
       raise ValueError(f"loss.beta={self.beta} must be > 0")
     self.weights = composite.Weights.from_config(config)
-    self.impl = config.get("logprob_impl", "reference")
+    self.impl = config.get("logprob_impl", logprob.DEFAULT_IMPL)
 
   def __call__(self, model, *, batches, reference=None, extras=None):
     logp, n = composite.score(model, batches["forget"], impl=self.impl).sequence_logprob()

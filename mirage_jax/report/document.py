@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from mirage_jax import report as report_lib
+from mirage_jax.audit import summary as audit_summary
 from mirage_jax.data import synthetic
 from mirage_jax.report import plots
 
@@ -88,6 +89,7 @@ hard-coded.
 
 {sft_table}
 
+{audit_summary.markdown(rep.get("audit"))}
 ## How far the test images are from the training images
 
 The unsafe test splits show {dist['test_objects']} hazard objects, {dist['test_objects_seen_in_forget']} of

@@ -1,5 +1,5 @@
 """PNG plots of the experiment (matplotlib, Agg backend): ASR / RR before and after the one-word attack per
-method, the K-shot attack curve, and per-term training-loss curves."""
+method, the K-shot attack curve, per-term training-loss curves, and ASR / RR vs model size (`mirage report`)."""
 
 from __future__ import annotations
 
@@ -65,4 +65,29 @@ def loss_curves(runs: Mapping[str, Sequence[Mapping]], path: pathlib.Path) -> No
     ax.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def size_curves(curves: Mapping[str, Sequence[tuple]], path: pathlib.Path) -> None:
+  """ASR and RR vs model size (`mirage report`): `curves[label]` = [(params, size, {column: (mean, std)})];
+  solid lines after the attack / rewrite ("What" K=3, "Share"), dashed before it; error bars = std over seeds."""
+  sizes = sorted({(p, s) for pts in curves.values() for p, s, _ in pts})
+  x_of = {s: i for i, (_, s) in enumerate(sizes)}
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  for ax, (title, after, before) in zip(axes, (("Jailbreak ASR (%)", "asr_what_k3", "asr_original"),
+                                               ("Refusal rate on safe queries (%)", "rr_share", "rr_safe"))):
+    for i, (label, pts) in enumerate(curves.items()):
+      pts = sorted(pts, key=lambda t: (t[0], t[1]))
+      xs = [x_of[s] for _, s, _ in pts]
+      color = f"C{i % 10}"
+      for column, style in ((after, "-"), (before, "--")):
+        ax.errorbar(xs, [v[column][0] for *_, v in pts], yerr=[v[column][1] for *_, v in pts], fmt=style,
+                    marker="o", color=color, capsize=3, label=label if style == "-" else None)
+    ax.set_xticks(range(len(sizes)), [s for _, s in sizes])
+    ax.set_xlabel("model size")
+    ax.set_ylim(-2, 105)
+    ax.set_title(title + ": solid = attacked (K=3 / \"Share\"), dashed = original", fontsize=9)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
   plt.close(fig)

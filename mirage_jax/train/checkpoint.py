@@ -12,9 +12,12 @@ SIGTERM), or when Orbax reports a preemption (`reached_preemption`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 import pathlib
+import time
 from typing import Any
 
 import jax
@@ -80,6 +83,22 @@ class Checkpointer:
                        extras=t["extras"])
     return Restored(state=state, data=dict(out["data"] or {}), meta=dict(out["meta"] or {}))
 
+  def restore_latest_good(self, *, target: TrainState) -> Restored | None:
+    """Restore the newest checkpoint that reads back. A partial or corrupted one (missing or truncated
+    files) is renamed to `<step>.corrupt-<time>` (kept for inspection, out of Orbax's way) with a warning, and the
+    previous good step is used. None when no step reads back."""
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return self.restore(step, target=target)
+      except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+        quarantine = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        logging.warning("checkpoint step %d in %s is unreadable (%s: %s); moved to %s, trying the previous "
+                        "one", step, self.directory, type(e).__name__, str(e).splitlines()[0][:200],
+                        quarantine.name)
+        (self.directory / str(step)).rename(quarantine)
+        self._mgr.reload()
+    return None
+
   def wait(self) -> None:
     self._mgr.wait_until_finished()
 
@@ -135,3 +154,28 @@ def restore_params(path: str | os.PathLike, target: Any, *, tokenizer: str | Non
 def host_params(params: Any) -> Any:
   """A numpy copy of (possibly sharded) params, for comparisons and checksums."""
   return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
+
+
+def params_sha256(params: Any) -> str:
+  """SHA-256 over every parameter's path, dtype, shape and bytes (bitwise identity of two runs)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(host_params(params))[0]:
+    arr = np.ascontiguousarray(leaf)
+    h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()
+
+
+def checksum(workdir: str | os.PathLike) -> dict:
+  """`mirage checksum`: the latest committed checkpoint's step and params hash (restored on the host)."""
+  params_dir = find_params_dir(workdir)
+  return {"step": int(params_dir.parent.name), "params_sha256": params_sha256(load_on_host(params_dir))}
+
+
+def load_on_host(params_dir: str | os.PathLike) -> Any:
+  """A `params` item restored onto one local device, whatever mesh it was saved from."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata(params_dir).item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return ckptr.restore(params_dir, target)

@@ -12,9 +12,9 @@ import dataclasses
 import json
 import logging
 import pathlib
+import signal
+import threading
 import time
-from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,8 @@ from mirage_jax.eval import scoring
 from mirage_jax.losses import make_loss
 from mirage_jax.models import VLMConfig
 from mirage_jax.train import checkpoint, metrics as metrics_lib, optim
-from mirage_jax.train.state import ModelSpec, TrainState, init_params, model_spec, new_rng, param_count
+from mirage_jax.train.state import (ModelSpec, TrainState, abstract_train_state, init_params, model_spec,
+                                    new_rng, param_count, shardings_of)
 
 
 class RunError(ValueError):
@@ -44,6 +45,8 @@ class RunSummary:
   wall_s: float
   compile_s: float
   steps_per_s: float
+  stopped: str = ""  # why the run ended before total_steps ("SIGTERM", "preemption"), else ""
+  skipped_steps: int = 0  # non-finite steps skipped (config.skip_nonfinite)
 
 
 @dataclasses.dataclass
@@ -75,22 +78,6 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   return Setup(config=config, mesh=mesh, data=data, fmt=fmt, spec=model_spec(model_cfg, mesh))
 
 
-def _abstract_state(spec: ModelSpec, tx, mesh, extras: Mapping[str, Any]) -> TrainState:
-  repl = sharding.replicated(mesh)
-  params = spec.abstract_params()
-  opt_abstract = jax.eval_shape(tx.init, params)
-  opt_sh = optim.state_shardings(opt_abstract, spec.shardings, repl)
-  opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_sh)
-  sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl)  # noqa: E731
-  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), params=params, opt_state=opt,
-                    rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl),
-                    extras=jax.tree.map(sds, dict(extras)))
-
-
-def _shardings(tree):
-  return jax.tree.map(lambda a: a.sharding, tree)
-
-
 def _stream_seed(seed: int, name: str) -> int:
   return int(np.random.SeedSequence([seed, *name.encode()]).generate_state(1)[0] % (2**31))
 
@@ -102,19 +89,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
   main = jax.process_index() == 0
   s = setup(config)
   mesh, spec = s.mesh, s.spec
-  if config.batch_size % sharding.batch_divisor(mesh):
-    raise RunError(f"batch_size={config.batch_size} is not divisible by the mesh's data x fsdp = "
-                   f"{sharding.batch_divisor(mesh)} devices")
   loss = make_loss(config.loss)
-  missing = [n for n in loss.streams if n not in config.data.streams]
-  if missing:
-    raise RunError(f"loss {config.loss.name!r} needs data streams {list(loss.streams)}; config.data.streams "
-                   f"lacks {missing}")
+  check_run(config, mesh, loss, spec)
   uses_reference = loss.needs_reference or getattr(loss, "reference_cache", False)
   if uses_reference and not config.init_from:
     raise RunError(f"loss {config.loss.name!r} starts from a trained model: set --config.init_from=<run dir>")
-  if hasattr(loss, "validate"):
-    loss.validate(spec.config)
 
   splits = pipeline.SplitCache(s.data.dataset, s.data.tokenizer, s.fmt, cache=config.data.cache)
   tok_fp = s.data.tokenizer.fingerprint()
@@ -122,26 +101,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
   unknown = sorted({x.strip() for x in config.eval.splits.split(",") if x.strip()} - available)
   if unknown:  # found now, not after training
     raise RunError(f"config.eval.splits: {unknown} not in the dataset; available: {sorted(available)}")
-  tx, sched = optim.make_optimizer(config.optim, config.total_steps, spec.abstract_params())
-  make_extras = lambda: loss.init_extras(spec, config.seed) if hasattr(loss, "init_extras") else {}  # noqa: E731
-  extras_abstract = dict(jax.eval_shape(make_extras))
   cache_split = _cache_split(config, loss)
-  if cache_split:
-    n = len(splits.examples(cache_split))
-    extras_abstract.update({f"cache/forget/{k}": jax.ShapeDtypeStruct((n,), jnp.float32)
-                            for k in ("ref_logp", "n_tokens")})
-  target = _abstract_state(spec, tx, mesh, extras_abstract)
-  state_sh = _shardings(target)
+  tx, sched, make_extras, target = plan_state(
+      config, spec, mesh, loss, cache_rows=len(splits.examples(cache_split)) if cache_split else 0)
+  state_sh = shardings_of(target)
   ckpt = checkpoint.Checkpointer(workdir / checkpoint.CHECKPOINT_DIR, save_every=config.checkpoint_every,
                                  keep=config.keep_checkpoints)
-  latest = ckpt.latest_step()
+  restored = ckpt.restore_latest_good(target=target)
+  latest = None if restored is None else int(jax.device_get(restored.state.step))
+  # The frozen reference: every step for NPO-with-reference / RMU, or once to fill the reference cache.
   reference = (checkpoint.restore_params(config.init_from, spec.abstract_params(), tokenizer=tok_fp)
-               if uses_reference else None)
+               if loss.needs_reference or (cache_split and latest is None) else None)
   data_state: dict = {}
-  if latest is not None:
-    restored = ckpt.restore(latest, target=target)
+  if restored is not None:
     state, data_state = restored.state, restored.data
-    logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    dropped = metrics_lib.truncate_after(workdir, latest) if main else 0
+    logging.warning("resumed from %s at step %d%s", ckpt.directory, latest,
+                    f" (dropped {dropped} metric rows logged after it)" if dropped else "")
   else:
     if config.init_from:
       params = checkpoint.restore_params(config.init_from, spec.abstract_params(), tokenizer=tok_fp)
@@ -166,8 +142,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
     if name in streams:
       streams[name].set_state(st)
 
-  batch_abstract = _batch_abstract(config, splits, streams, mesh)
-  step_fn = _compile_step(spec, loss, tx, sched, mesh, state_sh, batch_abstract, reference, target)
+  batch_abstract = pipeline.abstract_batches(config, streams=tuple(streams), image_size=spec.config.vision.image_size,
+                                            mesh=mesh)
+  step_fn = compile_step(spec, loss, tx, sched, mesh, target, batch_abstract,
+                         None if reference is None else spec.abstract_params(), skip_nonfinite=config.skip_nonfinite)
+  log_memory(step_fn)
   compile_s = time.time() - t_start
 
   first = int(jax.device_get(state.step))
@@ -195,31 +174,36 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
 
   pending, last_logged, window, t_loop = None, {}, [], time.time()
   eval_results: dict = {}
-  step = first
+  step, stopped, skipped = first, "", 0
+  term = _SigtermFlag()
   try:
     while step < config.total_steps:
       batches = {n: put(next(st)) for n, st in streams.items()}
       state, new_metrics = step_fn(state, batches, reference)
       if pending is not None:  # the previous step's metrics: checked while this step runs
-        _account(step, pending, window, writer, config, bar)
+        skipped += _account(step, pending, window, writer, config, bar)[1]
       pending = new_metrics
       step += 1
-      if ckpt.should_save(step) or step == config.total_steps or (config.eval.every and
-                                                                   step % config.eval.every == 0):
-        last_logged = _account(step, pending, window, writer, config, bar, force_log=True)
-        pending = None
-        if config.eval.every and step % config.eval.every == 0 and step < config.total_steps:
+      stop = "SIGTERM" if term.raised else "preemption" if ckpt.reached_preemption(step) else ""
+      if stop or ckpt.should_save(step) or step == config.total_steps or (
+          config.eval.every and step % config.eval.every == 0):
+        last_logged, n = _account(step, pending, window, writer, config, bar, force_log=True)
+        skipped, pending = skipped + n, None
+        if config.eval.every and step % config.eval.every == 0 and step < config.total_steps and not stop:
           evaluate(step)
-        if ckpt.should_save(step) or step == config.total_steps:
-          save(step, force=step == config.total_steps)
-        if ckpt.reached_preemption(step):
-          logging.warning("preemption notice: saved step %d, exiting", step)
+        if stop or ckpt.should_save(step) or step == config.total_steps:
+          save(step, force=bool(stop) or step == config.total_steps)
+        if stop:
+          stopped = stop
+          logging.warning("%s: saved step %d and stopped; rerun the same command to resume", stop, step)
           break
     if pending is not None:
-      last_logged = _account(step, pending, window, writer, config, bar, force_log=True)
+      last_logged, n = _account(step, pending, window, writer, config, bar, force_log=True)
+      skipped += n
     if step >= config.total_steps and eval_splits:
       eval_results = evaluate(step)
   finally:
+    term.restore()
     bar.close()
     ckpt.close()
     writer.close()
@@ -227,21 +211,45 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
   done = step - first
   return RunSummary(workdir=str(workdir), first_step=first, last_step=step, final=last_logged,
                     eval=eval_results, wall_s=wall, compile_s=compile_s,
-                    steps_per_s=done / max(time.time() - t_loop, 1e-9))
+                    steps_per_s=done / max(time.time() - t_loop, 1e-9), stopped=stopped, skipped_steps=skipped)
 
 
-def _account(step: int, metrics, window: list, writer, config, bar, *, force_log: bool = False) -> dict:
-  """Fetch one step's metrics (blocking on that step only), check them, log on log steps."""
+class _SigtermFlag:
+  """SIGTERM (a TPU preemption notice, `kill`, SLURM's time limit) -> finish the step, save, stop."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.raised = True
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _account(step: int, metrics, window: list, writer, config, bar, *,
+             force_log: bool = False) -> tuple[dict, int]:
+  """Fetch one step's metrics (blocking on that step only), check them, log on log steps.
+
+  Returns the logged means ({} when not a log step) and whether the step was skipped as non-finite."""
   values = {k: float(v) for k, v in jax.device_get(metrics).items()}
   metrics_lib.check_finite(step, values)
+  if values.get("skipped"):
+    logging.warning("step %d: non-finite loss or gradient, skipped (config.skip_nonfinite)", step)
+  skipped = int(bool(values.get("skipped")))
   window.append(values)
   bar.update(1, {k: values[k] for k in ("loss",) if k in values})
   if force_log or step % config.log_every == 0:
     mean = {k: float(np.mean([w[k] for w in window])) for k in window[-1]}
     writer.write(step, mean)
     window.clear()
-    return mean
-  return {}
+    return mean, skipped
+  return {}, skipped
 
 
 def _cache_split(config, loss) -> str:
@@ -266,33 +274,51 @@ def _reference_cache(loss, spec: ModelSpec, reference, examples, config, mesh) -
   return {f"cache/forget/{k}": np.concatenate(v) for k, v in parts.items()}
 
 
-def _batch_abstract(config, splits: pipeline.SplitCache, streams, mesh) -> dict:
-  """Global-batch ShapeDtypeStructs per stream, from one example of each stream's first split."""
-  out = {}
-  for name in streams:
-    example = splits.examples(pipeline.parse_mixture(config.data.streams[name])[0].split)[0]
-    out[name] = {k: jax.ShapeDtypeStruct((config.batch_size, *np.shape(v)), np.asarray(v).dtype,
-                                         sharding=sharding.batch_sharding(mesh, np.ndim(v) + 1))
-                 for k, v in example.items()}
-  return out
+def check_run(config: ml_collections.ConfigDict, mesh, loss, spec: ModelSpec) -> None:
+  """Configuration mistakes that would otherwise surface inside compilation (or after hours of training)."""
+  if config.batch_size % sharding.batch_divisor(mesh):
+    raise RunError(f"batch_size={config.batch_size} is not divisible by the mesh's data x fsdp = "
+                   f"{sharding.batch_divisor(mesh)} devices")
+  missing = [n for n in loss.streams if n not in config.data.streams]
+  if missing:
+    raise RunError(f"loss {config.loss.name!r} needs data streams {list(loss.streams)}; config.data.streams "
+                   f"lacks {missing}")
+  if hasattr(loss, "validate"):
+    loss.validate(spec.config)
 
 
-def _compile_step(spec, loss, tx, sched, mesh, state_sh, batch_abstract, reference, target):
-  """AOT-compile the train step once (logging its memory analysis) and return the compiled callable."""
+def plan_state(config: ml_collections.ConfigDict, spec: ModelSpec, mesh, loss, *, cache_rows: int = 0):
+  """(optimizer, schedule, extras factory, abstract TrainState with shardings) of a run.
+
+  `cache_rows` > 0 adds the precomputed reference values of that many forget rows to the extras."""
+  tx, sched = optim.make_optimizer(config.optim, config.total_steps, spec.abstract_params())
+  make_extras = lambda: loss.init_extras(spec, config.seed) if hasattr(loss, "init_extras") else {}  # noqa: E731
+  extras_abstract = dict(jax.eval_shape(make_extras))
+  if cache_rows:
+    extras_abstract.update({f"cache/forget/{k}": jax.ShapeDtypeStruct((cache_rows,), jnp.float32)
+                            for k in ("ref_logp", "n_tokens")})
+  return tx, sched, make_extras, abstract_train_state(spec, tx, mesh, extras_abstract)
+
+
+def compile_step(spec: ModelSpec, loss, tx, sched, mesh, target: TrainState, batch_abstract, reference_abstract, *,
+                 skip_nonfinite: bool = False):
+  """AOT-compile the train step for the devices of `mesh` (real ones, or a TPU topology's from a CPU host)."""
   from mirage_jax.train import step as step_lib
   shardings = step_lib.StepShardings(
-      state=state_sh, batches=_shardings(batch_abstract),
-      reference=None if reference is None else spec.shardings, replicated=sharding.replicated(mesh))
-  fn = step_lib.make_train_step(spec=spec, loss=loss, tx=tx, sched=sched, shardings=shardings)
-  ref_abstract = None if reference is None else spec.abstract_params()
+      state=shardings_of(target), batches=shardings_of(batch_abstract),
+      reference=None if reference_abstract is None else spec.shardings, replicated=sharding.replicated(mesh))
+  fn = step_lib.make_train_step(spec=spec, loss=loss, tx=tx, sched=sched, shardings=shardings,
+                                skip_nonfinite=skip_nonfinite)
   with jax.set_mesh(mesh):
-    compiled = fn.lower(target, batch_abstract, ref_abstract).compile()
+    return fn.lower(target, batch_abstract, reference_abstract).compile()
+
+
+def log_memory(compiled) -> None:
   mem = compiled.memory_analysis()
   if mem is not None:
     logging.info("train step memory per device: args %.1f MiB, temps %.1f MiB, outputs %.1f MiB",
                  mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
                  mem.output_size_in_bytes / 2**20)
-  return compiled
 
 
 def describe_params(spec: ModelSpec) -> dict[str, int]:

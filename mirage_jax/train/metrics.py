@@ -18,6 +18,9 @@ class NonFiniteLoss(RuntimeError):
 
 
 def check_finite(step: int, metrics: Mapping[str, float]) -> None:
+  """Raise on a non-finite value (a step skipped by `skip_nonfinite` reports `skipped` = 1 and passes)."""
+  if metrics.get("skipped"):
+    return
   bad = {k: v for k, v in metrics.items() if not math.isfinite(float(v))}
   if bad:
     terms = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
@@ -55,6 +58,20 @@ class MetricWriter:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def truncate_after(workdir: str | os.PathLike, step: int) -> int:
+  """Drop rows logged after `step` (a resumed run replays those steps); returns how many were dropped."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  rows = path.read_text().splitlines(keepends=True)
+  keep = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
+  if len(keep) != len(rows):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
+  return len(rows) - len(keep)
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:

@@ -77,5 +77,22 @@ def new_rng(seed: int) -> Array:
   return jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
 
 
-def zeros_like_sharded(tree: Any) -> Any:
-  return jax.tree.map(jnp.zeros_like, tree)
+
+
+def abstract_train_state(spec: ModelSpec, tx, mesh: Mesh, extras: dict) -> TrainState:
+  """ShapeDtypeStructs (with shardings) of the whole train state: the restore target and AOT input."""
+  from mirage_jax.train import optim
+  repl = sharding.replicated(mesh)
+  params = spec.abstract_params()
+  opt_abstract = jax.eval_shape(tx.init, params)
+  opt_sh = optim.state_shardings(opt_abstract, spec.shardings, repl)
+  opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_sh)
+  sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl)  # noqa: E731
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), params=params, opt_state=opt,
+                    rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl),
+                    extras=jax.tree.map(sds, dict(extras)))
+
+
+def shardings_of(tree: Any) -> Any:
+  """The shardings of a tree of ShapeDtypeStructs / arrays."""
+  return jax.tree.map(lambda a: a.sharding, tree)

@@ -27,8 +27,12 @@ class StepShardings:
 
 
 def make_train_step(*, spec: ModelSpec, loss: Callable, tx: optax.GradientTransformation,
-                    sched: optax.Schedule, shardings: StepShardings):
-  """Returns `step(state, batches, reference) -> (state, metrics)`, jitted with donation of `state`."""
+                    sched: optax.Schedule, shardings: StepShardings, skip_nonfinite: bool = False):
+  """Returns `step(state, batches, reference) -> (state, metrics)`, jitted with donation of `state`.
+
+  With `skip_nonfinite`, a step whose loss or gradient norm is not finite leaves params and optimizer state
+  unchanged (the step counter still advances) and reports `skipped = 1`; otherwise the loop stops on it.
+  """
 
   def step(state: TrainState, batches: Mapping[str, Mapping[str, Array]], reference: Any):
     ref_model = None if reference is None else spec.merge(jax.lax.stop_gradient(reference))
@@ -40,8 +44,14 @@ def make_train_step(*, spec: ModelSpec, loss: Callable, tx: optax.GradientTransf
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-    metrics.update(loss=value.astype(jnp.float32), grad_norm=optax.global_norm(grads),
+    grad_norm = optax.global_norm(grads)
+    metrics.update(loss=value.astype(jnp.float32), grad_norm=grad_norm,
                    lr=jnp.asarray(sched(state.step), jnp.float32))
+    if skip_nonfinite:
+      ok = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+      metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
                      extras=state.extras)
     return new, metrics

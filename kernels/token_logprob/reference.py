@@ -1,0 +1,48 @@
+"""The oracle: materialise float32 logits [N, V], then log-softmax and gather. Differentiated by JAX itself.
+
+Also the tile math every fused implementation shares (plain jnp, so it runs inside Pallas kernels too):
+`tile_logsumexp` / `merge_logsumexp` (the online logsumexp over vocabulary tiles) and `dlogits` (the gradient
+of the outputs with respect to the logits of a tile, which the backward passes recompute).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def logits(h_nd: Array, w_dv: Array) -> Array:
+  """float32 [N, V] logits (the matmul accumulates in float32 whatever the input dtype)."""
+  return jax.lax.dot_general(h_nd, w_dv, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def token_logprob_and_lse(h_nd: Array, w_dv: Array, labels_n: Array) -> tuple[Array, Array]:
+  """(logp [N], lse [N]) in float32; logp is 0 where label < 0 (and carries no gradient there)."""
+  logits_nv = logits(h_nd, w_dv)
+  lse_n = jax.nn.logsumexp(logits_nv, axis=-1)
+  picked_n = jnp.take_along_axis(logits_nv, jnp.maximum(labels_n, 0)[:, None], axis=-1)[:, 0]
+  return jnp.where(labels_n >= 0, picked_n - lse_n, 0.0), lse_n
+
+
+def tile_logsumexp(logits_nv: Array) -> Array:
+  """logsumexp over the last axis of a tile whose masked columns are -inf (at least one is finite)."""
+  m_n = jnp.max(logits_nv, axis=-1)
+  return m_n + jnp.log(jnp.sum(jnp.exp(logits_nv - m_n[:, None]), axis=-1))
+
+
+def merge_logsumexp(a_n: Array, b_n: Array) -> Array:
+  """log(exp(a) + exp(b)) where `a` may be -inf (the running value before the first tile)."""
+  m_n = jnp.maximum(a_n, b_n)
+  return m_n + jnp.log(jnp.exp(a_n - m_n) + jnp.exp(b_n - m_n))
+
+
+def dlogits(logits_nv: Array, onehot_nv: Array, lse_n: Array, g_logp_n: Array, g_lse_n: Array) -> Array:
+  """d(sum g_logp * logp + sum g_lse * lse) / d logits, with g_logp already 0 where the label is ignored.
+
+  d logp / d logits = onehot - softmax and d lse / d logits = softmax, so the gradient is
+  g_logp * onehot + (g_lse - g_logp) * softmax. Logits of masked columns are -inf (softmax 0).
+  """
+  p_nv = jnp.exp(logits_nv - lse_n[:, None])
+  return (g_lse_n - g_logp_n)[:, None] * p_nv + jnp.where(onehot_nv, g_logp_n[:, None], 0.0)

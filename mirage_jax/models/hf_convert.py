@@ -1,0 +1,517 @@
+"""Hugging Face LLaVA checkpoints <-> mirage_jax parameters and configs (no torch needed).
+
+`hf_to_jax` reads a transformers `LlavaForConditionalGeneration` directory (`config.json` plus
+`model.safetensors` or a sharded `model.safetensors.index.json`) with `safetensors.numpy` and writes an Orbax
+checkpoint in the layout training runs use (`OUT/checkpoints/0/{params,train,data,meta}`), `OUT/config.json`
+(the full mirage config: model block from the HF config, LLaVA-1.5 data settings) and `OUT/tokenizer/` when the
+HF directory has a tokenizer. So `--config.init_from=OUT`, `mirage eval --workdir=OUT` and
+`mirage eval --checkpoint=OUT/checkpoints/0` work on it. `jax_to_hf` writes the reverse: `config.json`,
+`model.safetensors` (sharded above `max_shard_bytes`), the tokenizer and a `preprocessor_config.json`.
+
+Key layouts: the saved (legacy) names `language_model.model.*`, `language_model.lm_head.*`,
+`vision_tower.vision_model.*` (or `vision_tower.*`), `multi_modal_projector.*`, and the in-memory names of
+transformers 5 (`model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*`,
+`lm_head.*`) are both read; every tensor must be consumed (a few known buffers such as `position_ids` are
+skipped) and unknown or missing tensors are reported together in one error. `jax_to_hf` writes the legacy
+names, which transformers 4.x and 5.x both load.
+
+Weight layouts: torch Linear weights are [out, in]; mirage Dense kernels are [in..., out...] (attention q/k/v
+[D, H, E], o [H, E, D]); the CLIP patch convolution [W, C, p, p] becomes a Dense over (row, col, channel)
+patch pixels. RoPE needs no permutation (both use the rotate_half convention). Stacked layers get a leading
+layer axis. HF pads LLaVA's vocabulary (32064 rows for 32002 tokens); shapes are kept exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from mirage_jax.models.config import VLMConfig
+from mirage_jax.models.safetensors_io import (SAFETENSORS, SAFETENSORS_INDEX, ConversionError,  # noqa: F401
+                                              numpy_dtype, read_hf_state, weight_files, write_hf_state)
+
+TOKENIZER_DIR = "tokenizer"
+# Buffers some checkpoints carry that are not parameters (recomputed by every implementation).
+_IGNORED = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
+# transformers 5 in-memory names -> the saved (legacy) names; applied in order.
+_CANONICAL = (
+    (re.compile(r"^model\.language_model\."), "language_model.model."),
+    (re.compile(r"^lm_head\."), "language_model.lm_head."),
+    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
+    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
+    (re.compile(r"^vision_tower\.(?!vision_model\.)"), "vision_tower.vision_model."),
+)
+# HF activation names <-> mirage_jax.models.layers.activation names.
+_ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu", "relu": "relu"}
+_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu", "silu": "silu",
+              "relu": "relu"}
+
+
+# --------------------------------------------------------------------------- configs
+def read_hf_config(hf_dir: str | pathlib.Path):
+  """The directory's `LlavaConfig` (defaults filled in by transformers; works without torch)."""
+  hf_dir = pathlib.Path(hf_dir)
+  if not (hf_dir / "config.json").exists():
+    raise FileNotFoundError(f"no config.json in {hf_dir}: expected a transformers LLaVA checkpoint directory")
+  model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+  if model_type != "llava":
+    raise ConversionError(f"{hf_dir}/config.json has model_type={model_type!r}; only 'llava' "
+                          "(LlavaForConditionalGeneration) converts")
+  from transformers import LlavaConfig  # lazy: transformers is slow to import
+  return LlavaConfig.from_pretrained(str(hf_dir))
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConversionError(message)
+
+
+def model_block_from_hf(hf_cfg, *, dtype: str = "float32", param_dtype: str = "float32") -> dict:
+  """The mirage `config.model` block (a plain dict) equivalent to an HF `LlavaConfig`."""
+  t, v = hf_cfg.text_config, hf_cfg.vision_config
+  _require(t.model_type == "llama", f"text_config.model_type={t.model_type!r}: only LLaMA decoders convert")
+  _require(v.model_type == "clip_vision_model",
+           f"vision_config.model_type={v.model_type!r}: only CLIP vision towers convert")
+  rope = dict(getattr(t, "rope_parameters", None) or {})
+  rope_type = rope.get("rope_type", "default")
+  _require(rope_type == "default", f"text_config rope_type={rope_type!r}: only plain RoPE converts")
+  theta = rope.get("rope_theta", getattr(t, "rope_theta", 10000.0))
+  _require(t.hidden_act in ("silu", "swish"), f"text_config.hidden_act={t.hidden_act!r}: expected silu")
+  _require(not getattr(t, "attention_bias", False), "text_config.attention_bias=True is not supported")
+  _require(not getattr(t, "mlp_bias", False), "text_config.mlp_bias=True is not supported")
+  layer = hf_cfg.vision_feature_layer
+  _require(isinstance(layer, int), f"vision_feature_layer={layer!r}: only a single layer converts")
+  for name, act in (("projector_hidden_act", hf_cfg.projector_hidden_act), ("vision_config.hidden_act",
+                                                                            v.hidden_act)):
+    _require(act in _ACT_FROM_HF, f"{name}={act!r}: supported activations {sorted(_ACT_FROM_HF)}")
+  heads = t.num_attention_heads
+  head_dim = getattr(t, "head_dim", None) or t.hidden_size // heads
+  return dict(
+      size="hf",
+      vision=dict(image_size=int(v.image_size), patch_size=int(v.patch_size), width=int(v.hidden_size),
+                  depth=int(v.num_hidden_layers), num_heads=int(v.num_attention_heads),
+                  mlp_dim=int(v.intermediate_size), num_channels=int(v.num_channels),
+                  layer_norm_eps=float(v.layer_norm_eps), act=_ACT_FROM_HF[v.hidden_act],
+                  feature_layer=int(layer), select_strategy=str(hf_cfg.vision_feature_select_strategy)),
+      projector=dict(act=_ACT_FROM_HF[hf_cfg.projector_hidden_act]),
+      text=dict(vocab_size=int(t.vocab_size), width=int(t.hidden_size), depth=int(t.num_hidden_layers),
+                num_heads=int(heads), num_kv_heads=int(t.num_key_value_heads or heads), head_dim=int(head_dim),
+                mlp_dim=int(t.intermediate_size), max_len=int(t.max_position_embeddings),
+                rope_theta=float(theta), rms_norm_eps=float(t.rms_norm_eps),
+                tie_embeddings=bool(hf_cfg.tie_word_embeddings)),
+      image_token_id=int(hf_cfg.image_token_index),
+      dtype=dtype, param_dtype=param_dtype, remat="none", scan_layers=True)
+
+
+def hf_config_from_model(cfg: VLMConfig, *, torch_dtype: str = "float32", pad_token_id: int | None = None):
+  """The `LlavaConfig` of a mirage model config (the inverse of `model_block_from_hf`)."""
+  from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+  t, v = cfg.text, cfg.vision
+  text = LlamaConfig(
+      vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_dim, num_hidden_layers=t.depth,
+      num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
+      max_position_embeddings=t.max_len, rms_norm_eps=t.rms_norm_eps, hidden_act="silu",
+      rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta}, tie_word_embeddings=t.tie_embeddings,
+      pad_token_id=pad_token_id)
+  vision = CLIPVisionConfig(
+      hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
+      num_channels=v.num_channels, image_size=v.image_size, patch_size=v.patch_size,
+      layer_norm_eps=v.layer_norm_eps, hidden_act=_ACT_TO_HF[v.act])
+  out = LlavaConfig(text_config=text, vision_config=vision, image_token_index=cfg.image_token_id,
+                    projector_hidden_act=_ACT_TO_HF[cfg.projector_act], vision_feature_layer=v.feature_layer,
+                    vision_feature_select_strategy=v.select_strategy, image_seq_length=v.num_image_tokens,
+                    tie_word_embeddings=t.tie_embeddings, multimodal_projector_bias=True,
+                    pad_token_id=pad_token_id)
+  out.architectures = ["LlavaForConditionalGeneration"]
+  out.dtype = torch_dtype
+  return out
+
+
+# --------------------------------------------------------------------------- weight layout rules
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One mirage parameter <-> one HF tensor (per layer when `theirs` contains `{i}`).
+
+  kind: "linear:N" (torch Linear weight [out, in] <-> kernel with N input axes), "flat" (a 1-D tensor
+  <-> any shape, e.g. q bias [H*E] <-> [H, E]), "same" (identical shape), "patch" (conv [W, C, p, p] <->
+  Dense [p*p*C, W]).
+  """
+
+  ours: str
+  theirs: str
+  kind: str = "same"
+
+
+def rules(cfg: VLMConfig) -> list[Rule]:
+  """Every parameter of `cfg`'s model and its HF tensor (canonical legacy names)."""
+  vt, lm = "vision_tower.vision_model.", "language_model.model."
+  out = [
+      Rule("vision/patch/kernel", vt + "embeddings.patch_embedding.weight", "patch"),
+      Rule("vision/cls", vt + "embeddings.class_embedding"),
+      Rule("vision/pos", vt + "embeddings.position_embedding.weight"),
+      Rule("vision/pre_norm/scale", vt + "pre_layrnorm.weight"),
+      Rule("vision/pre_norm/bias", vt + "pre_layrnorm.bias"),
+      Rule("vision/post_norm/scale", vt + "post_layernorm.weight"),
+      Rule("vision/post_norm/bias", vt + "post_layernorm.bias"),
+  ]
+  block = vt + "encoder.layers.{i}."
+  for ours, theirs in (("ln1", "layer_norm1"), ("ln2", "layer_norm2")):
+    out += [Rule(f"vision/blocks/{ours}/scale", block + theirs + ".weight"),
+            Rule(f"vision/blocks/{ours}/bias", block + theirs + ".bias")]
+  for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
+    out += [Rule(f"vision/blocks/attn/{ours}/kernel", block + f"self_attn.{theirs}.weight",
+                 "linear:2" if ours == "o" else "linear:1"),
+            Rule(f"vision/blocks/attn/{ours}/bias", block + f"self_attn.{theirs}.bias", "flat")]
+  for fc in ("fc1", "fc2"):
+    out += [Rule(f"vision/blocks/{fc}/kernel", block + f"mlp.{fc}.weight", "linear:1"),
+            Rule(f"vision/blocks/{fc}/bias", block + f"mlp.{fc}.bias")]
+  for lin in ("linear_1", "linear_2"):
+    out += [Rule(f"projector/{lin}/kernel", f"multi_modal_projector.{lin}.weight", "linear:1"),
+            Rule(f"projector/{lin}/bias", f"multi_modal_projector.{lin}.bias")]
+  layer = lm + "layers.{i}."
+  out += [Rule("decoder/embed", lm + "embed_tokens.weight"), Rule("decoder/norm/scale", lm + "norm.weight"),
+          Rule("decoder/layers/attn_norm/scale", layer + "input_layernorm.weight"),
+          Rule("decoder/layers/mlp_norm/scale", layer + "post_attention_layernorm.weight")]
+  for proj in ("q", "k", "v", "o"):
+    out.append(Rule(f"decoder/layers/attn/{proj}/kernel", layer + f"self_attn.{proj}_proj.weight",
+                    "linear:2" if proj == "o" else "linear:1"))
+  for proj in ("gate", "up", "down"):
+    out.append(Rule(f"decoder/layers/mlp/{proj}/kernel", layer + f"mlp.{proj}_proj.weight", "linear:1"))
+  if not cfg.text.tie_embeddings:
+    out.append(Rule("decoder/lm_head", "language_model.lm_head.weight", "linear:1"))
+  return out
+
+
+def _theirs_shape(rule: Rule, shape: tuple[int, ...], cfg: VLMConfig) -> tuple[int, ...]:
+  if rule.kind.startswith("linear:"):
+    n = int(rule.kind.split(":")[1])
+    return (math.prod(shape[n:]), math.prod(shape[:n]))
+  if rule.kind == "flat":
+    return (math.prod(shape),)
+  if rule.kind == "patch":
+    p, c = cfg.vision.patch_size, cfg.vision.num_channels
+    return (shape[1], c, p, p)
+  return shape
+
+
+def _to_ours(rule: Rule, w: np.ndarray, shape: tuple[int, ...], cfg: VLMConfig) -> np.ndarray:
+  if rule.kind.startswith("linear:"):
+    return w.T.reshape(shape)
+  if rule.kind == "patch":  # [W, C, p, p] -> [p (row), p (col), C, W] -> [p*p*C, W]
+    return w.transpose(2, 3, 1, 0).reshape(shape)
+  return w.reshape(shape)
+
+
+def _to_theirs(rule: Rule, a: np.ndarray, cfg: VLMConfig) -> np.ndarray:
+  shape = _theirs_shape(rule, a.shape, cfg)
+  if rule.kind.startswith("linear:"):
+    return a.reshape(shape[::-1]).T
+  if rule.kind == "patch":
+    p, c = cfg.vision.patch_size, cfg.vision.num_channels
+    return a.reshape(p, p, c, a.shape[1]).transpose(3, 2, 0, 1)
+  return a.reshape(shape)
+
+
+def param_shapes(cfg: VLMConfig) -> dict[str, tuple[int, ...]]:
+  """'/'-joined parameter path -> shape of the mirage model (abstract: nothing is allocated)."""
+  import jax
+  from flax import nnx
+
+  from mirage_jax.models.vlm import VLM
+  state = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0)))))
+  return {"/".join(str(k.key) for k in path): tuple(a.shape)
+          for path, a in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def _depth(rule: Rule, cfg: VLMConfig) -> int:
+  return cfg.vision.depth if rule.ours.startswith("vision/blocks/") else cfg.text.depth
+
+
+def _expand(rule: Rule, cfg: VLMConfig) -> list[str]:
+  return [rule.theirs.format(i=i) for i in range(_depth(rule, cfg))] if "{i}" in rule.theirs else [rule.theirs]
+
+
+def _nest(flat: Mapping[str, np.ndarray]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+      out[prefix + str(k)] = v
+  return out
+
+
+# --------------------------------------------------------------------------- tensors <-> params
+def canonical_key(key: str) -> str:
+  """An HF tensor name in the saved (legacy) layout, whichever layout it was written in."""
+  for pattern, repl in _CANONICAL:
+    key = pattern.sub(repl, key)
+  return key
+
+
+def _listing(keys: list[str], limit: int = 12) -> str:
+  shown = ", ".join(keys[:limit])
+  return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def params_from_hf(state: Mapping[str, np.ndarray], cfg: VLMConfig, *,
+                   param_dtype: str = "float32") -> dict:
+  """HF tensors (any key layout) -> mirage params (a nested dict of numpy arrays of `param_dtype`)."""
+  tensors: dict[str, np.ndarray] = {}
+  for key, value in state.items():
+    canon = canonical_key(key)
+    if canon in tensors:
+      raise ConversionError(f"tensor {key!r} appears twice (under two key layouts)")
+    tensors[canon] = value
+  shapes = param_shapes(cfg)
+  table = rules(cfg)
+  if cfg.text.tie_embeddings and "language_model.lm_head.weight" in tensors:
+    table = table + [Rule("", "language_model.lm_head.weight")]  # a tied head saved anyway: checked below
+  expected = {name for rule in table for name in _expand(rule, cfg)}
+  missing = sorted(expected - set(tensors))
+  unknown = sorted(k for k in set(tensors) - expected if not _IGNORED.search(k))
+  if missing or unknown:
+    parts = ([f"missing {len(missing)}: {_listing(missing)}"] if missing else []) + (
+        [f"unknown {len(unknown)}: {_listing(unknown)}"] if unknown else [])
+    raise ConversionError("HF tensors do not match the config: " + "; ".join(parts))
+  dtype = np.dtype(numpy_dtype(param_dtype))
+  flat, bad = {}, []
+  for rule in table:
+    if not rule.ours:  # tied head: must equal the embedding
+      if not np.array_equal(tensors[rule.theirs], tensors["language_model.model.embed_tokens.weight"]):
+        bad.append("language_model.lm_head.weight differs from embed_tokens but the config ties them")
+      continue
+    full = shapes[rule.ours]
+    stacked = "{i}" in rule.theirs
+    shape = full[1:] if stacked else full
+    want = _theirs_shape(rule, shape, cfg)
+    names = _expand(rule, cfg)
+    for name in names:
+      if tuple(tensors[name].shape) != want:
+        bad.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {want}")
+    if bad:
+      continue
+    arrays = [_to_ours(rule, np.asarray(tensors[n]), shape, cfg).astype(dtype) for n in names]
+    flat[rule.ours] = np.stack(arrays) if stacked else arrays[0]
+  if bad:
+    raise ConversionError("HF tensors do not match the config: " + "; ".join(bad[:12]) +
+                          (f"; ... ({len(bad) - 12} more)" if len(bad) > 12 else ""))
+  return _nest(flat)
+
+
+def hf_state_from_params(params: Mapping, cfg: VLMConfig, *, dtype: str = "float32") -> dict[str, np.ndarray]:
+  """mirage params -> HF tensors under the saved (legacy) key names, as `dtype`."""
+  flat = {k: np.asarray(v) for k, v in _flatten(params).items()}
+  table = rules(cfg)
+  want = {r.ours for r in table}
+  if set(flat) != want:
+    raise ConversionError(f"params do not match the model config: missing {sorted(want - set(flat))}, "
+                          f"unexpected {sorted(set(flat) - want)}")
+  np_dtype = np.dtype(numpy_dtype(dtype))
+  out = {}
+  for rule in table:
+    a = flat[rule.ours]
+    names = _expand(rule, cfg)
+    layers = [a[i] for i in range(len(names))] if "{i}" in rule.theirs else [a]
+    for name, layer in zip(names, layers, strict=True):
+      out[name] = np.ascontiguousarray(_to_theirs(rule, layer, cfg).astype(np_dtype))
+  return out
+
+
+# --------------------------------------------------------------------------- whole checkpoints
+def _base_size(n_params: int) -> str:
+  """The size whose training defaults (batch, lr, mesh preset) suit a model of `n_params`."""
+  for limit, size in ((20e6, "tiny"), (500e6, "small"), (3e9, "1b"), (10e9, "7b")):
+    if n_params < limit:
+      return size
+  return "13b"
+
+
+def mirage_config(model: Mapping[str, Any], *, n_params: int, image_mean=None, image_std=None,
+                  base: str = "") -> ml_collections.ConfigDict:
+  """The full run config of a converted model: `base`'s training defaults, the converted model block and
+  LLaVA-1.5 data settings (Vicuna/llava_v1 template, CLIP statistics, dataset `vlguard`, path unset)."""
+  from mirage_configs import common
+
+  from mirage_jax.data import images, preprocess
+  c = common.training_config(base or _base_size(n_params))
+  c.model = ml_collections.ConfigDict(dict(model))
+  c.data.name = "vlguard"
+  c.data.path = ""
+  c.data.prompt_template = preprocess.LLAVA_V1_TEMPLATE
+  c.data.max_len = min(int(model["text"]["max_len"]), 2048)
+  c.data.image_mean = tuple(image_mean or images.CLIP_MEAN)
+  c.data.image_std = tuple(image_std or images.CLIP_STD)
+  c.data.streams = ml_collections.ConfigDict(dict(train="sft"))
+  c.eval.splits = "sft"
+  c.eval.refusal_preset = "vlguard"
+  return c
+
+
+def _image_stats(hf_dir: pathlib.Path) -> tuple[Any, Any]:
+  path = hf_dir / "preprocessor_config.json"
+  if not path.exists():
+    return None, None
+  d = json.loads(path.read_text())
+  return d.get("image_mean"), d.get("image_std")
+
+
+def _tokenizer(hf_dir: pathlib.Path):
+  """The HF directory's tokenizer (None when it has no tokenizer files)."""
+  if not any((hf_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    return None
+  from mirage_jax.data.tokenizer import Tokenizer
+  return Tokenizer.from_hf(hf_dir)
+
+
+@dataclasses.dataclass
+class Converted:
+  params: dict  # nested dict of numpy arrays
+  model: VLMConfig
+  config: ml_collections.ConfigDict  # the full mirage run config
+  tokenizer: Any  # mirage Tokenizer or None
+
+
+def convert_hf(hf_dir: str | pathlib.Path, *, dtype: str = "float32", param_dtype: str = "float32",
+               base: str = "") -> Converted:
+  """Read and convert an HF LLaVA directory in memory (config, weights, tokenizer)."""
+  hf_dir = pathlib.Path(hf_dir)
+  hf_cfg = read_hf_config(hf_dir)
+  block = model_block_from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype)
+  tok = _tokenizer(hf_dir)
+  if tok is not None and tok.image_id != block["image_token_id"]:
+    raise ConversionError(f"the tokenizer's <image> id {tok.image_id} differs from image_token_index "
+                          f"{block['image_token_id']} in {hf_dir}/config.json")
+  if tok is not None and tok.vocab_size > block["text"]["vocab_size"]:
+    raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary only "
+                          f"{block['text']['vocab_size']}")
+  try:
+    model = VLMConfig.from_config(block)
+  except ValueError as e:
+    raise ConversionError(f"{hf_dir}/config.json: {e}") from None
+  params = params_from_hf(read_hf_state(hf_dir), model, param_dtype=param_dtype)
+  n = sum(a.size for a in _flatten(params).values())
+  mean, std = _image_stats(hf_dir)
+  config = mirage_config(block, n_params=n, image_mean=mean, image_std=std, base=base)
+  return Converted(params=params, model=model, config=config, tokenizer=tok)
+
+
+def hf_to_jax(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str = "float32",
+              param_dtype: str = "float32", base: str = "") -> dict:
+  """Convert an HF LLaVA directory into a mirage checkpoint directory `out` (see the module docstring)."""
+  import jax
+
+  from mirage_jax import configlib
+  from mirage_jax.train import checkpoint
+  from mirage_jax.train.state import TrainState, new_rng
+  out = pathlib.Path(out)
+  ckpt_dir = out / checkpoint.CHECKPOINT_DIR
+  if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    raise FileExistsError(f"{ckpt_dir} already holds checkpoints; choose an empty --out")
+  conv = convert_hf(hf_dir, dtype=dtype, param_dtype=param_dtype, base=base)
+  out.mkdir(parents=True, exist_ok=True)
+  tok_fp = None
+  if conv.tokenizer is not None:
+    conv.tokenizer.save(out / TOKENIZER_DIR)
+    tok_fp = conv.tokenizer.fingerprint()
+  (out / "config.json").write_text(configlib.to_json(conv.config))
+  meta = {"step": 0, "config": json.loads(configlib.to_json(conv.config)),
+          "source": {"hf_dir": str(pathlib.Path(hf_dir).absolute()), "converter": "mirage_jax.models.hf_convert"}}
+  if tok_fp:
+    meta["tokenizer"] = tok_fp
+  state = TrainState(step=np.int32(0), params=conv.params, opt_state={}, rng=np.asarray(jax.device_get(new_rng(0))),
+                     extras={})
+  ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1, keep=1, async_save=False)
+  ckpt.save(0, state, data={}, meta=meta, force=True)
+  ckpt.close()
+  n = sum(a.size for a in _flatten(conv.params).values())
+  return {"out": str(out), "checkpoint": str(ckpt_dir / "0"), "params": int(n),
+          "tokenizer": str(out / TOKENIZER_DIR) if tok_fp else None, "config": str(out / "config.json")}
+
+
+def load_checkpoint(ckpt: str | pathlib.Path) -> tuple[dict, VLMConfig, ml_collections.ConfigDict]:
+  """Params (numpy, one host), model config and run config of a mirage checkpoint (run dir or step dir)."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  from mirage_jax import configlib
+  from mirage_jax.train import checkpoint
+  params_dir = checkpoint.find_params_dir(ckpt)
+  meta = checkpoint.read_meta(params_dir)
+  if "config" not in meta:
+    raise FileNotFoundError(f"{params_dir.parent} has no meta/metadata with the run config")
+  config = configlib.from_json(json.dumps(meta["config"]))
+  image_id = int(config.model.image_token_id)
+  tok_dir = _checkpoint_tokenizer_dir(pathlib.Path(ckpt), config)
+  if image_id < 0:
+    from mirage_jax.data.tokenizer import Tokenizer
+    if tok_dir is None:
+      raise ConversionError("config.model.image_token_id is -1 (the data's tokenizer) and no tokenizer was found")
+    image_id = Tokenizer.load(tok_dir).image_id
+  model = VLMConfig.from_config(config.model, image_token_id=image_id)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shapes = param_shapes(model)
+  dtype = np.dtype(numpy_dtype(model.param_dtype))
+  target = _nest({k: jax.ShapeDtypeStruct(s, dtype, sharding=device) for k, s in shapes.items()})
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(params_dir, target)
+  return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params), model, config
+
+
+def _checkpoint_tokenizer_dir(ckpt: pathlib.Path, config) -> pathlib.Path | None:
+  """The tokenizer belonging to a checkpoint: `<out>/tokenizer` of a converted model, else the dataset's."""
+  for parent in (ckpt, *ckpt.absolute().parents[:4]):
+    if (parent / TOKENIZER_DIR / "tokenizer.json").exists():
+      return parent / TOKENIZER_DIR
+  path = config.data.get("path", "")
+  if path and (pathlib.Path(path) / "extra" / "tokenizer" / "tokenizer.json").exists():
+    return pathlib.Path(path) / "extra" / "tokenizer"
+  return None
+
+
+def jax_to_hf(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str = "float32",
+              max_shard_bytes: int = 5 << 30) -> dict:
+  """Write a mirage checkpoint as a transformers LLaVA directory (config, safetensors, tokenizer)."""
+  from mirage_jax.data.tokenizer import Tokenizer
+  params, model, config = load_checkpoint(ckpt)
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  tok_dir = _checkpoint_tokenizer_dir(pathlib.Path(ckpt), config)
+  tok = Tokenizer.load(tok_dir) if tok_dir else None
+  hf_cfg = hf_config_from_model(model, torch_dtype=dtype, pad_token_id=tok.pad_id if tok else None)
+  hf_cfg.save_pretrained(str(out))
+  files = write_hf_state(hf_state_from_params(params, model, dtype=dtype), out, max_shard_bytes=max_shard_bytes)
+  if tok_dir:
+    for f in tok_dir.iterdir():
+      if f.is_file():
+        shutil.copy2(f, out / f.name)
+  size = model.vision.image_size
+  (out / "preprocessor_config.json").write_text(json.dumps({
+      "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor", "do_resize": True,
+      "size": {"shortest_edge": size}, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+      "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+      "image_mean": list(config.data.image_mean), "image_std": list(config.data.image_std), "resample": 3,
+  }, indent=1))
+  return {"out": str(out), "files": files, "tokenizer": bool(tok_dir), "dtype": dtype}
+
