@@ -5,8 +5,9 @@
   mirage describe --config=configs/unlearn/npo.py:7b [--devices=256]
   mirage data     build [--name=vlguard --manual_dir=DIR --model=CKPT_DIR] [--lenient] | stats
   mirage convert  hf-to-jax --hf=DIR --out=W | jax-to-hf --ckpt=W --out=DIR | check-parity --hf=DIR
-  mirage demo     --workdir=W [--seeds=N] [--ablations]
+  mirage demo     --workdir=W [--seeds=N] [--ablations] [--no_audit]
   mirage checksum --workdir=W
+  mirage compile  --config=configs/unlearn/npo.py:7b --topology=v5e:16x16 [--batch=B] [--max_batch]
   mirage sweep    --config=configs/ablations/sizes.py:cpu [--workdir=W] [--launcher=local|tpu_vm|slurm] [--dry-run]
   mirage report   --runs=DIR [DIR ...] [--out=DIR]   (table + plot over every eval.json)
   mirage audit    --data=synth:sft --out=DIR   (shortcut words of a dataset)
