@@ -31,7 +31,6 @@ import time
 
 # A CPU host: TPU numbers come from AOT compiles (libtpu describes the topology; no TPU backend is started).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no TPU to share, skip libtpu's lock
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -80,9 +79,8 @@ def tpu_chip(topology: str) -> jax.sharding.Mesh | None:
   """A one-chip mesh of a TPU topology described by libtpu (None when libtpu is not installed)."""
   if importlib.util.find_spec("libtpu") is None:
     return None
-  from jax.experimental import topologies
-  device = topologies.get_topology_desc(topology, "tpu").devices[0]
-  return jax.sharding.Mesh(np.array([device]), ("chip",))
+  from mirage_jax import compile as aot
+  return jax.sharding.Mesh(np.array(aot.topology_devices(topology)[:1]), ("chip",))
 
 
 def bench_memory(args) -> None:

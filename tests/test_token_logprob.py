@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -367,11 +366,10 @@ def test_npo_step_fused_on_mesh_matches_reference(tiny_npo, mesh):
 
 # --------------------------------------------------------------------------- TPU AOT (Mosaic lowering)
 def _tpu_mesh(topology: str):
+  from mirage_jax import compile as aot
   if importlib.util.find_spec("libtpu") is None:
     pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): cannot compile for TPU topologies")
-  from jax.experimental import topologies
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: don't take libtpu's process lock
-  devices = np.array(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+  devices = np.array(aot.topology_devices(topology))
   return jax.sharding.Mesh(devices.reshape(1, 2, -1), ("data", "fsdp", "tensor"),
                            axis_types=(AxisType.Auto,) * 3)
 
