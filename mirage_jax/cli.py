@@ -26,6 +26,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from mirage_jax.errors import UserError
+
 COMMANDS: dict[str, Callable] = {}
 
 
@@ -374,16 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   sub = argparse.ArgumentParser(prog=f"mirage {name}", description=COMMANDS[name].help)
   try:
     return COMMANDS[name](sub, rest[1:], overrides)
-  except Exception as e:  # noqa: BLE001 - user errors become one line; MIRAGE_DEBUG shows the traceback
-    if os.environ.get("MIRAGE_DEBUG") or not _is_user_error(e):
+  except UserError as e:  # a user's mistake is one line; anything else keeps its traceback
+    if os.environ.get("MIRAGE_DEBUG"):
       raise
     print(f"mirage {name}: error: {e}", file=sys.stderr)
     return 2
-
-
-def _is_user_error(e: Exception) -> bool:
-  from mirage_jax.train.metrics import NonFiniteLoss
-  return isinstance(e, (ValueError, FileNotFoundError, NonFiniteLoss))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from mirage_jax import sharding
+from mirage_jax.errors import ConfigError
 from mirage_jax.data import pipeline
 from mirage_jax.losses import make_loss
 from mirage_jax.models import VLMConfig
@@ -36,7 +37,7 @@ HBM_BYTES = {
 }
 
 
-class CompileError(ValueError):
+class CompileError(ConfigError):
   """A topology or configuration that cannot be compiled (reported as one line)."""
 
 

@@ -18,9 +18,7 @@ from typing import Any
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A user error in a config spec or override (reported as one line by the CLI)."""
+from mirage_jax.errors import ConfigError  # noqa: F401  (re-exported: configlib.ConfigError)
 
 
 def configs_root() -> pathlib.Path:

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from mirage_jax import configlib
+from mirage_jax.errors import ConfigError
 
 LAUNCHERS = ("local", "tpu_vm", "slurm")
 LAUNCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "launch"
@@ -31,7 +32,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
 _KEYS = {"name", "config", "overrides", "init_from", "labels"}
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
   """A bad sweep definition or a failed point (reported as one line by the CLI)."""
 
 

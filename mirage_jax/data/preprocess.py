@@ -22,6 +22,7 @@ import numpy as np
 
 from mirage_jax.data import images
 from mirage_jax.data.tokenizer import IMAGE, Tokenizer
+from mirage_jax.errors import DataError
 
 
 # LLaVA-1.5's `llava_v1` conversation template (the official safety evaluation's; training used `vicuna_v1`,
@@ -37,7 +38,7 @@ class Overflow(str, enum.Enum):
   TRUNCATE = "truncate"  # cut the answer's tail (the prompt is never cut); counted
 
 
-class SequenceTooLong(ValueError):
+class SequenceTooLong(DataError):
   pass
 
 

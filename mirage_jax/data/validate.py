@@ -19,9 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-
-class DataError(ValueError):
-  """Bad input data (reported as one message by the CLI)."""
+from mirage_jax.errors import DataError  # noqa: F401  (re-exported: validate.DataError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,11 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from mirage_jax.errors import CheckpointError
+
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
   """A checkpoint or config that cannot be converted (reported as one line by the CLI)."""
 
 

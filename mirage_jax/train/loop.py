@@ -27,11 +27,12 @@ from mirage_jax.eval import scoring
 from mirage_jax.losses import make_loss
 from mirage_jax.models import VLMConfig
 from mirage_jax.train import checkpoint, metrics as metrics_lib, optim
+from mirage_jax.errors import ConfigError
 from mirage_jax.train.state import (ModelSpec, TrainState, abstract_train_state, init_params, model_spec,
                                     new_rng, param_count, shardings_of)
 
 
-class RunError(ValueError):
+class RunError(ConfigError):
   """A configuration or data problem found before or during training (reported as one line)."""
 
 

@@ -12,8 +12,10 @@ from collections.abc import Mapping
 
 import tqdm
 
+from mirage_jax.errors import UserError
 
-class NonFiniteLoss(RuntimeError):
+
+class NonFiniteLoss(UserError, RuntimeError):
   """A loss term or the gradient norm became NaN/inf."""
 
 
