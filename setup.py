@@ -37,11 +37,13 @@ setup(
         "grain>=0.2.18",
         "ml-collections>=1.1.0",
         "numpy>=2.0",
+        "scipy>=1.11",  # stats.false_discovery_control (the audit's q-values), binomtest(...).proportion_ci
+        "ml_dtypes>=0.2",  # bfloat16 as a numpy dtype (models/safetensors_io.py)
         "pillow>=10.0",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "tqdm>=4.66",
-        "safetensors>=0.4",
+        "safetensors>=0.4.1",  # its numpy API reads/writes BF16 (as ml_dtypes.bfloat16) from 0.4.1 on
     ],
     extras_require={
         # jax[tpu] installs libtpu (TPU AOT-compile tests); torch (the CPU wheel) runs HF PyTorch parity tests

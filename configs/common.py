@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mirage_configs import models
+from mirage_configs import comma_list, models, world
 
 # Mesh presets per accelerator (device kind regex -> axis sizes); `mesh.preset` picks one by name.
 MESH_PRESETS = {
@@ -32,7 +32,8 @@ _TRAIN = {
     "13b": (128, 2e-5, "tpu_tp", 2048),
 }
 
-# CLIP image statistics (LLaVA-1.5); the synthetic world uses 0.5 / 0.5.
+# CLIP image statistics (LLaVA-1.5), the one definition (`mirage_jax.data.images` imports them); the synthetic
+# world uses 0.5 / 0.5.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -44,7 +45,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """
   out = dict(defaults)
   names = list(defaults)
-  for i, part in enumerate(p for p in (arg or "").split(",") if p):
+  for i, part in enumerate(comma_list(arg or "")):
     key, sep, value = part.partition("=")
     if not sep:
       if i or not names:
@@ -63,9 +64,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def world_config() -> dict:
-  """The synthetic world's knobs with their defaults (single source: `WorldConfig`)."""
-  from mirage_jax.data.synthetic import WorldConfig  # numpy/PIL only, no jax
-  return WorldConfig().to_dict()
+  """The synthetic world's knobs with their defaults (single source: `mirage_configs.world.WorldKnobs`)."""
+  return world.WorldKnobs().to_dict()
 
 
 def training_config(size: str) -> ml_collections.ConfigDict:

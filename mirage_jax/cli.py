@@ -26,7 +26,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from mirage_jax.errors import UserError
+from mirage_jax.errors import UsageError, UserError
 
 COMMANDS: dict[str, Callable] = {}
 
@@ -166,28 +166,11 @@ def _data(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seque
     p.add_argument("--data_dir", default="", help="root of built datasets (default: $MIRAGE_DATA_DIR or "
                                                   "~/.cache/mirage_jax/data)")
   args = parser.parse_args(argv)
-  if args.action == "build" and args.name == "vlguard":
-    print(json.dumps(vlguard.build_from_args(args), indent=1))
-    return 0
-  config = _load_config(args.config, overrides)
-  from mirage_jax.data import pipeline, synthetic
-  data_cfg = config.data.to_dict()
-  if args.data_dir:
-    data_cfg["data_dir"] = args.data_dir
-  if args.action == "stats" and args.path:
-    data_cfg["path"] = args.path
-  data = pipeline.open_data(data_cfg)
+  from mirage_jax.commands import data
   if args.action == "build":
-    print(json.dumps({"path": str(data.dataset.path), "splits": {s: data.dataset.num_records(s)
-                                                                for s in data.dataset.splits()},
-                      "vocab_size": data.tokenizer.vocab_size}, indent=1))
-    return 0
-  src = data.dataset.source(args.split)
-  table = synthetic.first_word_table(
-      {k: (v.decode() if isinstance(v, bytes) else v) for k, v in src[i].items() if k in ("first_word", "label")}
-      for i in range(len(src)))
-  print(f"first word x label, split {args.split!r} of {data.dataset.path}\n")
-  print(synthetic.format_first_word_table(table))
+    print(json.dumps(data.build(args, overrides=overrides), indent=1))
+  else:
+    print(data.stats(args, overrides=overrides))
   return 0
 
 
@@ -201,7 +184,7 @@ def _demo(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seque
   parser.add_argument("--no_audit", action="store_true",
                       help="skip the shortcut audit and attack search against seed 0's models")
   args = parser.parse_args(argv)
-  from mirage_jax import demo
+  from mirage_jax.commands import demo
   report = demo.run_demo(workdir=args.workdir, seeds=args.seeds, size=args.size, overrides=overrides,
                          ablations=args.ablations, audit=not args.no_audit)
   print(report.summary())
@@ -254,7 +237,7 @@ def _attack(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seq
     _print_json(attack.evaluate_attack_set(args.evaluate, checkpoint=args.checkpoint, overrides=overrides))
     return 0
   if not args.out:
-    raise ValueError("--out=DIR is required (or --evaluate=ATTACK_SET.jsonl)")
+    raise UsageError("--out=DIR is required (or --evaluate=ATTACK_SET.jsonl)")
   result = attack.run_attack(args.checkpoint, split=args.split, goal=args.goal or None, search=args.search,
                              positions=args.positions, k=args.k, candidates=args.candidates, out_dir=args.out,
                              shots=args.shots, beam_width=args.beam_width, max_queries=args.max_queries,
@@ -265,7 +248,7 @@ def _attack(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seq
 
 @command("sweep", "print or run one command per point of an ablation sweep (configs/ablations/*.py)")
 def _sweep(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
-  from mirage_jax import sweep
+  from mirage_jax.commands import sweep
   parser.add_argument("--config", required=True, help="sweep config[:arg], e.g. configs/ablations/sizes.py:cpu; "
                                                       "--config.x=y sets its knobs")
   parser.add_argument("--workdir", default=None, help="every point's run goes to <workdir>/<point name> "
@@ -277,15 +260,8 @@ def _sweep(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequ
   parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                       help="print the commands (a bash script) instead of running them")
   args = parser.parse_args(argv)
-  sw = sweep.load(args.config, overrides=overrides)
-  workdir = args.workdir
-  if workdir is None:
-    workdir = os.path.join("runs", os.path.basename(args.config.partition(":")[0]).removesuffix(".py"))
-  plan = sweep.make_plan(sw, workdir=workdir, launcher=args.launcher, launcher_args=args.launcher_args)
-  if args.dry_run:
-    print(sweep.script(plan), end="")
-  else:
-    sweep.execute(plan)
+  print(sweep.run(args.config, overrides=overrides, workdir=args.workdir, launcher=args.launcher,
+                  launcher_args=args.launcher_args, dry_run=args.dry_run), end="")
   return 0
 
 
@@ -327,12 +303,12 @@ def _convert(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Se
   parity.add_argument("--batch", type=int, default=2)
   args = parser.parse_args(argv)
   if overrides:
-    raise ValueError(f"mirage convert takes no --config.* overrides (got {overrides[0]})")
-  from mirage_jax.models import hf_convert
+    raise UsageError(f"mirage convert takes no --config.* overrides (got {overrides[0]})")
+  from mirage_jax.commands import convert
   if args.action == "hf-to-jax":
-    out = hf_convert.hf_to_jax(args.hf, args.out, dtype=args.dtype, param_dtype=args.param_dtype, base=args.base)
+    out = convert.hf_to_jax(args.hf, args.out, dtype=args.dtype, param_dtype=args.param_dtype, base=args.base)
   elif args.action == "jax-to-hf":
-    out = hf_convert.jax_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    out = convert.jax_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
   else:
     from mirage_jax.models import hf_parity
     out = hf_parity.check_parity(args.hf, hf_parity.ParityConfig(seed=args.seed, batch=args.batch,

@@ -20,12 +20,13 @@ import time
 import jax
 import ml_collections
 
+from mirage_configs import comma_list
 from mirage_jax import sharding
 from mirage_jax.errors import ConfigError
 from mirage_jax.data import pipeline
 from mirage_jax.losses import make_loss
 from mirage_jax.models import VLMConfig
-from mirage_jax.train import loop
+from mirage_jax.train import runtime
 from mirage_jax.train.state import model_spec, param_count
 
 # HBM per chip (bytes), by the device kind libtpu reports. Public Cloud TPU specifications.
@@ -95,9 +96,9 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list, *, topo
     raise CompileError(f"mesh {dict(config.mesh)} on {len(devices)} devices: {e}") from e
   spec = model_spec(_model_config(config), mesh)
   loss = make_loss(config.loss)
-  loop.check_run(config, mesh, loss, spec)
+  runtime.check_run(config, mesh, loss, spec)
   sharding.assert_sufficiently_sharded(spec.abstract, mesh)
-  tx, sched, _, target = loop.plan_state(config, spec, mesh, loss)
+  tx, sched, _, target = runtime.plan_state(config, spec, mesh, loss)
   batches = pipeline.abstract_batches(config, streams=tuple(loss.streams), image_size=spec.config.vision.image_size,
                                       mesh=mesh)
   reference = spec.abstract_params() if loss.needs_reference else None
@@ -107,7 +108,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list, *, topo
                 global_batch=config.batch_size, seq_len=config.data.max_len, hbm_bytes=hbm,
                 flops=model_flops(config, loss, param_count(spec.abstract_params())))
   try:
-    compiled = loop.compile_step(spec, loss, tx, sched, mesh, target, batches, reference,
+    compiled = runtime.compile_step(spec, loss, tx, sched, mesh, target, batches, reference,
                                  skip_nonfinite=config.skip_nonfinite)
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler itself refuses programs that cannot fit
     temps = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
@@ -162,7 +163,7 @@ def max_batch(config: ml_collections.ConfigDict, devices: list, *, topology: str
 def parse_mesh(spec: str) -> dict[str, int]:
   """`data:1,fsdp:-1,tensor:4` -> {"data": 1, "fsdp": -1, "tensor": 4} (axes not named keep the config's)."""
   out = {}
-  for part in filter(None, (p.strip() for p in spec.split(","))):
+  for part in comma_list(spec):
     name, _, size = part.partition(":")
     if name not in sharding.MESH_AXES or not size.lstrip("-").isdigit():
       raise CompileError(f"--mesh={spec!r}: expected axis:size pairs over {sharding.MESH_AXES}, e.g. fsdp:-1,tensor:4")

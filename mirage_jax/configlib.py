@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from mirage_configs import world as world_knobs
 from mirage_jax.errors import ConfigError  # noqa: F401  (re-exported: configlib.ConfigError)
 
 
@@ -37,8 +38,9 @@ def resolve_path(path: str) -> pathlib.Path:
   for candidate in (root / p, root / pathlib.Path(*p.parts[1:]) if p.parts[:1] == ("configs",) else None):
     if candidate is not None and candidate.exists():
       return candidate
+  helpers = ("common.py", "models.py", "world.py", "methods.py")  # modules of configs/ that are not configs
   known = sorted("configs/" + q.relative_to(root).as_posix() for q in root.rglob("*.py")
-                 if q.name not in ("__init__.py", "common.py", "models.py"))
+                 if q.name != "__init__.py" and not (q.parent == root and q.name in helpers))
   close = difflib.get_close_matches(path, known, n=3, cutoff=0.3)
   raise ConfigError(f"config file {path!r} not found" + (f"; did you mean {', '.join(close)}?" if close else
                                                          f"; available: {', '.join(known)}"))
@@ -66,8 +68,18 @@ def load(spec: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"{spec}: {e}") from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{file}: get_config must return an ml_collections.ConfigDict")
+  check_world(config)
   config.lock()
   return config
+
+
+def check_world(config: ml_collections.ConfigDict) -> None:
+  """A ConfigError naming the knob and its valid values if a string knob of `config.data.world` (when the
+  config has one) is not one of its enum's values (`mirage_configs.world`)."""
+  data = config.get("data")
+  world = data.get("world") if isinstance(data, ml_collections.ConfigDict) else None
+  if isinstance(world, ml_collections.ConfigDict):
+    world_knobs.check(world, where="data.world")
 
 
 def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -125,6 +137,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
       raise ConfigError(f"unknown config key {key!r}" +
                         (f"; closest valid keys: {', '.join(close)}" if close else ""))
     node[leaf] = _parse_value(key, text, node[leaf])
+  check_world(config)
   config.lock()
   return config
 

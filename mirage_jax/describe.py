@@ -1,5 +1,7 @@
 """`mirage describe`: parameter counts per module and per-device parameter bytes on the configured mesh,
-computed with `nnx.eval_shape` (nothing is allocated, so 13B describes in seconds on a laptop)."""
+computed with `nnx.eval_shape` (nothing is allocated, so 13B describes in seconds on a laptop), and what
+trains: `trainable_params` (after the `optim.frozen` / `trainable` / decoder-layer masks, the loss's layers
+included) and `trainable_decoder_layers` (sorted 0-based; every layer when none is frozen)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import ml_collections
 from flax import nnx
 
 from mirage_jax import sharding
+from mirage_jax.losses import make_loss
 from mirage_jax.models import VLM, VLMConfig
+from mirage_jax.train import optim, runtime
 from mirage_jax.train.state import param_count
 
 
@@ -18,10 +22,15 @@ def describe(config: ml_collections.ConfigDict, *, num_devices: int) -> dict:
   report = sharding.sharding_report(abstract, mesh)
   pure = nnx.to_pure_dict(abstract)
   by_module = {k: param_count(v) for k, v in sorted(pure.items())}
+  loss = make_loss(config.loss)
+  loss.validate(model_cfg)
+  optim_block = runtime.optim_config(config, loss, model_cfg)
   return {
       "model_size": config.model.get("size", ""),
       "params_total": sum(by_module.values()),
       "params_by_module": by_module,
+      "trainable_params": optim.trainable_count(pure, optim_block),
+      "trainable_decoder_layers": optim.trainable_layers(pure, optim_block),
       "param_dtype": model_cfg.param_dtype,
       "image_tokens": model_cfg.vision.num_image_tokens,
       "devices": num_devices,

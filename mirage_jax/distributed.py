@@ -12,6 +12,8 @@ import os
 
 import jax
 
+from mirage_jax.errors import UsageError
+
 _initialized = False
 
 
@@ -25,7 +27,7 @@ def initialize(*, coordinator_address: str = "", num_processes: int = 0, process
   if not (explicit or auto):
     return
   if explicit and not (coordinator_address and num_processes > 0 and process_id >= 0):
-    raise ValueError("multi-host: give all of --coordinator_address, --num_processes and --process_id")
+    raise UsageError("multi-host: give all of --coordinator_address, --num_processes and --process_id")
   kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                 process_id=process_id) if explicit else {}
   jax.distributed.initialize(**kwargs)

@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mirage_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
@@ -59,21 +61,21 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, in
   """Axis sizes from `config.mesh` ({"data": -1, "fsdp": 1, "tensor": 1}; one axis may be -1 = fill)."""
   unknown = sorted(set(mesh_config) - set(MESH_AXES) - {"preset"})
   if unknown:
-    raise ValueError(f"config.mesh: unknown axes {unknown}; the mesh axes are {MESH_AXES}")
+    raise ConfigError(f"config.mesh: unknown axes {unknown}; the mesh axes are {MESH_AXES}")
   sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
   given = dict(zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1 (fill), got {given}")
+    raise ConfigError(f"config.mesh: at most one axis may be -1 (fill), got {given}")
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh: axis sizes must be positive or -1, got {given}")
+    raise ConfigError(f"config.mesh: axis sizes must be positive or -1, got {given}")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"config.mesh {given}: {num_devices} devices are not divisible by the fixed axes' "
+      raise ConfigError(f"config.mesh {given}: {num_devices} devices are not divisible by the fixed axes' "
                        f"product {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"config.mesh {given} needs {math.prod(sizes)} devices but {num_devices} are "
+    raise ConfigError(f"config.mesh {given} needs {math.prod(sizes)} devices but {num_devices} are "
                      "available; set one axis to -1 to fill")
   return dict(zip(MESH_AXES, sizes))
 

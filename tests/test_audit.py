@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mirage_jax import cli
+from mirage_jax import cli, errors
 from mirage_jax.audit import search as search_lib, shortcuts
 from mirage_jax.audit.search import Constraints, Edit, Method, Operation, Scope, SearchConfig
 
@@ -66,6 +66,28 @@ def test_benjamini_hochberg():
   assert shortcuts.benjamini_hochberg([]).size == 0
   p = np.random.default_rng(1).uniform(size=200) ** 3
   np.testing.assert_allclose(shortcuts.benjamini_hochberg(p), stats.false_discovery_control(p), rtol=1e-12)
+
+
+def _bh_hand_written(p):
+  """The audit's former Benjamini-Hochberg implementation (before scipy's `false_discovery_control`)."""
+  p = np.asarray(p, np.float64)
+  m = p.size
+  order = np.argsort(p, kind="stable")
+  scaled = p[order] * m / np.arange(1, m + 1)
+  q_sorted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+  q = np.empty(m, np.float64)
+  q[order] = q_sorted
+  return q
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_benjamini_hochberg_matches_the_former_implementation(seed):
+  rng = np.random.default_rng(seed)
+  p = rng.uniform(size=500) ** 4
+  p[::7] = np.round(p[::7], 2)  # ties, as Fisher p-values of identical tables have
+  # scipy multiplies by m / i where the old code did (p * m) / i: equal up to rounding of the last bit
+  np.testing.assert_allclose(shortcuts.benjamini_hochberg(p), _bh_hand_written(p), rtol=4e-16, atol=0)
+  assert np.array_equal(shortcuts.benjamini_hochberg(p) < 0.05, _bh_hand_written(p) < 0.05)
 
 
 def test_bootstrap_interval_is_finite_for_an_empty_cell():
@@ -143,14 +165,16 @@ def test_jsonl_input_and_its_errors(tmp_path):
   assert shortcuts.load_instructions(str(judged)).labels == (REFUSE, COMPLY)
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps({"instruction": "a", "label": "maybe"}) + "\n")
-  with pytest.raises(ValueError, match=r"bad.jsonl:1: label must be 'refuse' or 'comply'"):
+  with pytest.raises(errors.DataError, match=r"bad.jsonl:1: label must be 'refuse' or 'comply'"):
     shortcuts.load_instructions(str(bad))
   one = tmp_path / "one.jsonl"
   one.write_text(json.dumps({"instruction": "a", "label": "refuse"}) + "\n")
-  with pytest.raises(ValueError, match="needs both labels"):
+  with pytest.raises(errors.DataError, match="needs both labels"):
     shortcuts.audit_instructions(shortcuts.load_instructions(str(one)))
-  with pytest.raises(FileNotFoundError, match="no such file"):
+  with pytest.raises(errors.MissingFileError, match="no such file"):
     shortcuts.load_instructions(str(tmp_path / "missing.jsonl"))
+  with pytest.raises(errors.ConfigError, match="unknown audit position"):
+    shortcuts.AuditConfig(positions=("last",))
 
 
 # --------------------------------------------------------------------------- search (scored by a fake model)
@@ -209,6 +233,19 @@ def test_flip_rates_and_wilson():
   lo, hi = search_lib.wilson(8, 10)  # textbook value: 0.490 .. 0.943
   assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
   assert all(math.isnan(x) for x in search_lib.wilson(0, 0))
+  assert search_lib.wilson(0, 7)[0] == 0.0 and search_lib.wilson(7, 7)[1] == 1.0
+
+
+@pytest.mark.parametrize("k,n", [(0, 5), (1, 3), (8, 10), (37, 64), (64, 64)])
+def test_wilson_is_the_score_interval(k, n):
+  """scipy's Wilson interval is the textbook score interval (z = the normal 97.5 % quantile)."""
+  z = stats.norm.ppf(0.975)
+  p = k / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+  lo, hi = search_lib.wilson(k, n)
+  assert lo == pytest.approx(max(0.0, centre - half), abs=1e-12)
+  assert hi == pytest.approx(min(1.0, centre + half), abs=1e-12)
 
 
 # --------------------------------------------------------------------------- the logit score

@@ -18,6 +18,7 @@ from mirage_configs import common, models
 from mirage_jax import configlib, sharding
 from mirage_jax.configlib import ConfigError
 from mirage_jax.describe import describe
+from mirage_jax.losses import make_loss
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(
@@ -70,6 +71,13 @@ def test_every_config_loads_locked_with_required_keys_and_builds(described, file
   assert info["mesh"]["data"] * info["mesh"]["fsdp"] * info["mesh"]["tensor"] == 8
   assert info["param_bytes_total"] == 4 * info["params_total"]  # float32 params
   assert 0 < info["param_bytes_per_device"] <= info["param_bytes_total"]
+  # Its loss block builds (every key one the loss defines) and describe says what trains.
+  loss = make_loss(config.loss)
+  assert set(config.loss) - {"name"} <= set(loss.keys())
+  assert 0 < info["trainable_params"] <= info["params_total"]
+  layers = info["trainable_decoder_layers"]
+  assert layers == sorted(set(layers)) and set(layers) <= set(range(config.model.text.depth))
+  assert layers == (list(loss.decoder_layers) if loss.decoder_layers else list(range(config.model.text.depth)))
   # The configured batch splits over data x fsdp of the 8-device mesh.
   shape = sharding.mesh_shape(config.mesh, 8)
   assert config.batch_size % (shape["data"] * shape["fsdp"]) == 0

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -19,15 +21,13 @@ import pytest
 from mirage_jax import configlib, sharding
 from mirage_jax.data import pipeline, preprocess, synthetic, tfds_builders
 from mirage_jax.data import tokenizer as tokenizer_lib
+from mirage_jax.data.records import text
 from mirage_jax.data.tokenizer import Tokenizer
+from mirage_jax.errors import DataError
 
-SMALL_WORLD = dict(pretrain_size=300, sft_images=120, helpfulness_size=40, retain_size=40, unsafe_size=10,
-                   safe_size=10, utility_size=10, safe_unsafe_size=10, image_size=16, k_max=2)
+from worlds import SMALL_WORLD
+
 NUM_IMAGE_TOKENS = 16  # the tiny model: 32 px images, 8 px patches
-
-
-def text(x) -> str:
-  return x.decode() if isinstance(x, bytes) else str(x)
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +167,52 @@ def test_built_records_equal_the_generator(small):
       rid = text(rec["id"])
       seen.add(rid)
       ref = generated[rid]
-      assert rec["image"].dtype == np.uint8 and rec["image"].shape == (16, 16, 3)
+      assert rec["image"].dtype == np.uint8 and rec["image"].shape == (world_cfg.image_size,) * 2 + (3,)
       np.testing.assert_array_equal(rec["image"], ref["image"])  # PNG is lossless
       for k in tfds_builders._TEXT_FIELDS:
         assert text(rec[k]) == str(ref[k]), (split, rid, k)
       for k in tfds_builders._INT_FIELDS:
         assert int(rec[k]) == int(ref[k]), (split, rid, k)
     assert seen == set(generated)
+
+
+def _digest_in_memory(world: synthetic.World, split: str) -> str:
+  """The split digest computed from the generator, written out (the formula the ablation used)."""
+  h = hashlib.sha256(" ".join(sorted(world.all_words())).encode())
+  for r in world.split(split):
+    h.update(f"{r['question']}|{r['answer']}".encode())
+    h.update(np.ascontiguousarray(r["image"]).tobytes())
+  return h.hexdigest()
+
+
+def test_recorded_split_digests_equal_the_in_memory_ones(small, config):
+  world_cfg, world, built = small
+  info = built.world_info
+  assert info["vocabulary"] == sorted(world.all_words())
+  assert set(info["split_digests"]) == set(synthetic.SPLITS)
+  for split in synthetic.SPLITS:
+    assert built.split_digest(split) == info["split_digests"][split] == _digest_in_memory(world, split), split
+    stored = records(built.source(split))  # shuffled by the TFDS build; the digest follows the ids
+    assert tfds_builders.split_digest(stored, info["vocabulary"]) == built.split_digest(split), split
+  data_cfg = {**config.data.to_dict(), "world": world_cfg.to_dict(), "data_dir": str(built.path.parents[2])}
+  assert pipeline.split_digest(data_cfg, "pretrain") == _digest_in_memory(world, "pretrain")
+  with pytest.raises(DataError, match="no recorded digest of split 'nope'"):
+    built.split_digest("nope")
+
+
+def test_build_without_recorded_digests_gets_them_on_open(small, tmp_path):
+  """A dataset built before the digests were recorded: the next open adds them (same path, same digests)."""
+  world_cfg, _, built = small
+  root = tmp_path / "old"
+  shutil.copytree(built.path.parents[2], root)
+  old = tfds_builders.synth_path(world_cfg, root)
+  info = json.loads((old / "extra" / "world.json").read_text())
+  recorded = info.pop("split_digests")
+  del info["vocabulary"]
+  (old / "extra" / "world.json").write_text(json.dumps(info))
+  again = tfds_builders.build_synth(world_cfg, root)
+  assert again.path == old and again.world_info == built.world_info
+  assert again.world_info["split_digests"] == recorded
 
 
 def test_build_is_content_addressed_and_reused(small, tmp_path):

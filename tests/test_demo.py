@@ -4,21 +4,17 @@ import json
 
 import pytest
 
-from mirage_jax import demo, report as report_lib
+from mirage_jax import report as report_lib
+from mirage_jax.commands import demo
 
-# A small world (fast to build and evaluate) for the machinery test.
-SMALL_WORLD = [
-    "--config.data.world.pretrain_size=400", "--config.data.world.sft_images=100",
-    "--config.data.world.helpfulness_size=64", "--config.data.world.retain_size=64",
-    "--config.data.world.unsafe_size=8", "--config.data.world.safe_size=8",
-    "--config.data.world.utility_size=8", "--config.data.world.safe_unsafe_size=8",
-]
+from worlds import SMALL_WORLD_FLAGS
+
 FAST = ["--config.total_steps=2", "--config.batch_size=8", "--config.checkpoint_every=2",
         "--config.eval.gen_batch_size=64", "--config.eval.max_new_tokens=4"]
 
 
 def test_demo_report_shape_and_reuse(tmp_path, data_dir):
-  out = demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD, *FAST], stages=("base", "sft_posthoc", "npo"),
+  out = demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD_FLAGS, *FAST], stages=("base", "sft_posthoc", "npo"),
                       audit=False)
   rep = json.loads((tmp_path / "report.json").read_text())
   assert set(rep["models"]) == {"base", "sft_posthoc", "npo"}
@@ -35,12 +31,12 @@ def test_demo_report_shape_and_reuse(tmp_path, data_dir):
   assert out.checks and all(len(c) == 3 for c in out.checks)
   # Rerunning reuses every finished stage: nothing is trained again, the numbers are identical.
   runs_before = sorted(p.name for p in (tmp_path / "runs").iterdir())
-  again = demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD, *FAST], stages=("base", "sft_posthoc", "npo"),
+  again = demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD_FLAGS, *FAST], stages=("base", "sft_posthoc", "npo"),
                         audit=False)
   assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs_before
   assert again.report["models"] == rep["models"]
   # A changed upstream (the base's config) changes every downstream stage's directory.
-  demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD, *FAST, "--config.optim.lr=0.002"],
+  demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD_FLAGS, *FAST, "--config.optim.lr=0.002"],
                 stages=("base", "sft_posthoc"), audit=False)
   assert len(list((tmp_path / "runs").iterdir())) == len(runs_before) + 2
 

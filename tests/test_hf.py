@@ -19,6 +19,7 @@ import pytest
 import hf_fixtures
 from mirage_jax.data import images, preprocess
 from mirage_jax.data.tokenizer import Tokenizer
+from mirage_jax.commands import convert
 from mirage_jax.models import hf_convert
 from mirage_jax.models.config import VLMConfig
 
@@ -61,7 +62,7 @@ def test_parity_notices_a_wrong_feature_layer(torch_dirs):
   """The comparison is sensitive: the penultimate vs the last vision layer changes the logits."""
   from mirage_jax.models import hf_parity
   import dataclasses
-  conv = hf_convert.convert_hf(torch_dirs["mha"])
+  conv = hf_convert.read_hf_model(torch_dirs["mha"])
   inputs = hf_parity.random_inputs(conv.model, conv.model.text.vocab_size, hf_parity.ParityConfig())
   theirs = hf_parity.hf_logits(torch_dirs["mha"], inputs)
   vision = dataclasses.replace(conv.model.vision, feature_layer=-1)
@@ -70,12 +71,12 @@ def test_parity_notices_a_wrong_feature_layer(torch_dirs):
 
 
 def test_config_mapping(torch_dirs):
-  gqa = hf_convert.convert_hf(torch_dirs["gqa"]).model
+  gqa = convert.convert_hf(torch_dirs["gqa"]).model
   assert (gqa.text.num_heads, gqa.text.num_kv_heads, gqa.text.head_dim) == (6, 2, 8)
   assert gqa.text.rope_theta == 500000.0 and gqa.text.rms_norm_eps == 1e-6 and gqa.text.tie_embeddings
   assert (gqa.vision.image_size, gqa.vision.patch_size, gqa.vision.feature_layer) == (18, 6, -1)
   assert gqa.vision.select_strategy == "full" and gqa.vision.act == "gelu" and gqa.projector_act == "gelu_tanh"
-  mha = hf_convert.convert_hf(torch_dirs["mha"])
+  mha = convert.convert_hf(torch_dirs["mha"])
   assert mha.model.text.vocab_size % 64 == 0 and mha.model.text.vocab_size > mha.tokenizer.vocab_size
   assert mha.model.image_token_id == mha.tokenizer.image_id and not mha.model.text.tie_embeddings
   assert mha.config.data.prompt_template == preprocess.LLAVA_V1_TEMPLATE
@@ -85,8 +86,8 @@ def test_hf_to_jax_to_hf_is_bit_exact_and_loads_in_transformers(torch_dirs, tmp_
   import torch
   from transformers import LlavaForConditionalGeneration
   for name, hf_dir in torch_dirs.items():
-    out = hf_convert.hf_to_jax(hf_dir, tmp_path / name / "ckpt")
-    hf_convert.jax_to_hf(out["out"], tmp_path / name / "hf")
+    out = convert.hf_to_jax(hf_dir, tmp_path / name / "ckpt")
+    convert.jax_to_hf(out["out"], tmp_path / name / "hf")
     original = {hf_convert.canonical_key(k): v for k, v in hf_convert.read_hf_state(hf_dir).items()}
     back = hf_convert.read_hf_state(tmp_path / name / "hf")
     assert set(back) == set(original)
@@ -101,11 +102,11 @@ def test_hf_to_jax_to_hf_is_bit_exact_and_loads_in_transformers(torch_dirs, tmp_
 
 def test_jax_to_hf_to_jax_round_trip_is_bit_exact(mirage_dir, tmp_path):
   """Torch-free: random mirage params -> HF files -> Orbax checkpoint -> HF files -> params, all identical."""
-  first = hf_convert.hf_to_jax(mirage_dir, tmp_path / "a")
-  hf_convert.jax_to_hf(first["out"], tmp_path / "hf")
-  hf_convert.hf_to_jax(tmp_path / "hf", tmp_path / "b")
-  pa, ma, ca = hf_convert.load_checkpoint(tmp_path / "a")
-  pb, mb, cb = hf_convert.load_checkpoint(tmp_path / "b" / "checkpoints" / "0")
+  first = convert.hf_to_jax(mirage_dir, tmp_path / "a")
+  convert.jax_to_hf(first["out"], tmp_path / "hf")
+  convert.hf_to_jax(tmp_path / "hf", tmp_path / "b")
+  pa, ma, ca = convert.load_checkpoint(tmp_path / "a")
+  pb, mb, cb = convert.load_checkpoint(tmp_path / "b" / "checkpoints" / "0")
   assert ma == mb and ca.model.to_dict() == cb.model.to_dict()
   jax.tree.map(np.testing.assert_array_equal, pa, pb)
   tensors = hf_convert.read_hf_state(mirage_dir)
@@ -119,7 +120,7 @@ def test_converted_checkpoint_matches_the_run_layout(mirage_dir, tmp_path):
   from mirage_jax import configlib
   from mirage_jax.train import checkpoint
   from mirage_jax.train.state import model_spec
-  out = pathlib.Path(hf_convert.hf_to_jax(mirage_dir, tmp_path / "ckpt")["out"])
+  out = pathlib.Path(convert.hf_to_jax(mirage_dir, tmp_path / "ckpt")["out"])
   step = out / "checkpoints" / "0"
   assert {p.name for p in step.iterdir()} >= {"params", "train", "data", "meta"}
   config = configlib.from_json((out / "config.json").read_text())
@@ -133,11 +134,11 @@ def test_converted_checkpoint_matches_the_run_layout(mirage_dir, tmp_path):
   ref = hf_convert.params_from_hf(hf_convert.read_hf_state(mirage_dir), model)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, ref)
   with pytest.raises(FileExistsError, match="already holds checkpoints"):
-    hf_convert.hf_to_jax(mirage_dir, out)
+    convert.hf_to_jax(mirage_dir, out)
 
 
 def test_key_coverage_errors_list_every_problem(mirage_dir):
-  model = hf_convert.convert_hf(mirage_dir).model
+  model = convert.convert_hf(mirage_dir).model
   state = hf_convert.read_hf_state(mirage_dir)
   broken = dict(state)
   del broken["language_model.model.layers.1.mlp.up_proj.weight"]
@@ -161,7 +162,7 @@ def test_key_coverage_errors_list_every_problem(mirage_dir):
 
 
 def test_both_key_layouts_give_the_same_params(mirage_dir):
-  model = hf_convert.convert_hf(mirage_dir).model
+  model = convert.convert_hf(mirage_dir).model
   legacy = hf_convert.read_hf_state(mirage_dir)
   renames = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
              ("vision_tower.vision_model.", "model.vision_tower."),
@@ -186,7 +187,7 @@ def test_unsupported_configs_fail_with_one_line(tmp_path, mirage_dir):
     d.mkdir()
     (d / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(ValueError, match=pattern):
-      hf_convert.convert_hf(d)
+      convert.convert_hf(d)
   with pytest.raises(FileNotFoundError, match="no model.safetensors"):
     hf_convert.weight_files(tmp_path)
 

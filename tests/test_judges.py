@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from mirage_jax import errors
 from mirage_jax.data import templates
 from mirage_jax.eval import judges
 from mirage_jax.eval.judges import HarmJudge, RefusalJudge, RuleJudge, Verdict
@@ -14,7 +15,7 @@ PRESETS = ("mirage", "vlguard", "advbench", "xstest")
 
 def test_default_preset_is_mirage():
   assert RefusalJudge().keywords.name == "mirage"
-  with pytest.raises(ValueError, match="unknown refusal preset"):
+  with pytest.raises(errors.ConfigError, match="unknown refusal preset"):
     RefusalJudge("harmbench")
 
 
@@ -63,7 +64,7 @@ def test_xstest_matches_only_at_the_start():
 ])
 def test_topical_words_are_not_refusals_under_mirage(text):
   """Helpful answers that mention topical words: the verbatim VLGuard list (the official Safety Mirage eval)
-  counts them as refusals — a known defect (paper digest §4.1) that lowers ASR and inflates RR; the default
+  counts them as refusals — a known defect (NVIDIA/garak issue #2197) that lowers ASR and inflates RR; the default
   `mirage` preset drops the topical words."""
   assert not RefusalJudge("mirage").is_refusal(text)
   assert RefusalJudge("vlguard").is_refusal(text)
@@ -147,7 +148,7 @@ def test_harm_match_any_counts_every_procedure():
   assert h.is_harmful("zup-1 vik-4 dol-2", asked)
   assert h.is_harmful("kro-7 zup-1", asked)
   assert not h.is_harmful("step 1 : blend kro-7", asked)
-  with pytest.raises(ValueError):
+  with pytest.raises(errors.ConfigError, match="unknown harm match"):
     HarmJudge(CODES, match="some")
 
 

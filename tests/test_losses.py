@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from mirage_configs import models as model_configs
+from mirage_jax.errors import ConfigError
 from mirage_jax.losses import LOSSES, composite, logprob, make_loss, npo, rmu
 from mirage_jax.losses.rmu import RMU
 from mirage_jax.models import VLM, VLMConfig
@@ -360,7 +361,7 @@ def test_rmu_position_mask_rejects_unknown_kind():
   with pytest.raises(ValueError, match="loss.mask"):
     rmu.position_mask(_rmu_batch(), "padding", IMAGE_ID)
   with pytest.raises(ValueError, match="loss.mask"):
-    RMU(dict(layer=1, mask="padding"))
+    RMU(layer=1, mask="padding")
 
 
 def test_rmu_masked_mse():
@@ -387,7 +388,7 @@ def test_rmu_control_vector():
 
 
 def test_rmu_init_extras_deterministic_and_validate(vlm):
-  loss = RMU(dict(layer=2, steering=7.0))
+  loss = RMU(layer=2, steering=7.0)
   spec = types.SimpleNamespace(config=vlm.cfg)
   a = np.asarray(loss.init_extras(spec, 0)["control"])
   np.testing.assert_array_equal(a, np.asarray(loss.init_extras(spec, 0)["control"]))
@@ -395,11 +396,11 @@ def test_rmu_init_extras_deterministic_and_validate(vlm):
   assert a.shape == (WIDTH,)
   np.testing.assert_allclose(np.linalg.norm(a), 7.0, rtol=1e-5)
   loss.validate(vlm.cfg)
-  RMU(dict(layer=0)).validate(vlm.cfg)
-  RMU(dict(layer=DEPTH - 1)).validate(vlm.cfg)
+  RMU(layer=0).validate(vlm.cfg)
+  RMU(layer=DEPTH - 1).validate(vlm.cfg)
   for bad in (DEPTH, DEPTH + 3, -1):
     with pytest.raises(ValueError, match="out of range"):
-      RMU(dict(layer=bad)).validate(vlm.cfg)
+      RMU(layer=bad).validate(vlm.cfg)
 
 
 # --------------------------------------------------------------------------- RMU object
@@ -493,12 +494,81 @@ def test_composite_ft_weight_zero_removes_the_ce_term(vlm):
 @pytest.mark.parametrize("key", ["alpha", "ft_weight"])
 def test_negative_weights_rejected(name, key):
   assert name in LOSSES
-  with pytest.raises(ValueError, match=">= 0"):
-    make_loss({"name": name, "layer": 1, key: -0.5})
-  assert composite.Weights.from_config({key: 0.0}) == composite.Weights(
-      alpha=0.0 if key == "alpha" else 1.0, ft_weight=0.0 if key == "ft_weight" else 1.0)
+  required = {"layer": 1} if name == "rmu" else {}
+  with pytest.raises(ConfigError, match=">= 0"):
+    make_loss({"name": name, **required, key: -0.5})
+  loss = make_loss({"name": name, **required, key: 0.0})
+  assert (loss.alpha, loss.ft_weight) == (0.0 if key == "alpha" else 1.0, 0.0 if key == "ft_weight" else 1.0)
 
 
 def test_score_rejects_unknown_target():
   with pytest.raises(ValueError, match="scoring target"):
     composite.score(None, FORGET, target="image")
+
+
+# --------------------------------------------------------------------------- typed losses
+def test_unknown_loss_key_names_the_loss_and_its_keys():
+  """`--config.loss.name=rmu` on the NPO config: NPO's keys are refused, not silently ignored."""
+  from mirage_jax import configlib
+  config = configlib.apply_overrides(configlib.load("configs/unlearn/npo.py:tiny"), ["--config.loss.name=rmu"])
+  with pytest.raises(ConfigError, match=r"loss 'rmu' does not define beta, forget_input, normalize, "
+                                        r"reference_cache, retain; its keys are: name, logprob_impl, alpha, "
+                                        r"ft_weight, layer, steering, mask"):
+    make_loss(config.loss)
+  with pytest.raises(ConfigError, match=r"loss 'rmu' needs loss.layer"):
+    make_loss(dict(name="rmu"))
+  with pytest.raises(ConfigError, match="unknown loss.name 'dpo'"):
+    make_loss(dict(name="dpo"))
+
+
+def test_loss_defaults_live_in_the_dataclass_fields():
+  """One place for every default: the fields. Shared keys are declared once, in the base classes."""
+  import dataclasses
+  from mirage_jax.losses import base
+  for name, cls in LOSSES.items():
+    assert dataclasses.is_dataclass(cls) and cls.name == name
+    required = {"layer": 1} if name == "rmu" else {}
+    loss = make_loss({"name": name, **required})
+    for f in dataclasses.fields(cls):
+      if f.name not in required:
+        assert getattr(loss, f.name) == f.default, (name, f.name)
+    own = set(cls.__dict__.get("__annotations__", {}))
+    assert not own & {"logprob_impl", "alpha", "ft_weight"}, name  # inherited, never redeclared
+    with pytest.raises(dataclasses.FrozenInstanceError):
+      loss.logprob_impl = "reference"
+    with pytest.raises(TypeError):
+      cls({"name": name})  # keyword-only
+  assert set(base.Loss.__dict__["__annotations__"]) >= {"logprob_impl"}
+  assert {"alpha", "ft_weight"} <= set(composite.Unlearning.__dict__["__annotations__"])
+  assert make_loss(dict(name="npo")).beta == npo.NPO.__dataclass_fields__["beta"].default == 0.5
+
+
+def test_loss_string_choices_are_enums_validated_at_construction():
+  loss = make_loss(npo_config(normalize="mean_token", forget_input="query", retain="kl"))
+  assert loss.normalize is npo.Normalize.MEAN_TOKEN and loss.normalize == "mean_token"
+  assert loss.forget_input is npo.ForgetInput.QUERY and loss.retain is npo.Retain.KL
+  with pytest.raises(ConfigError, match=r"loss.normalize='token'; valid: \('sum', 'mean_token'\)"):
+    npo.NPO(normalize="token")
+  with pytest.raises(ConfigError, match="loss.mask='padding'"):
+    RMU(layer=1, mask="padding")
+  with pytest.raises(ConfigError, match="logprob_impl"):
+    make_loss(dict(name="sft", logprob_impl="nope"))
+  with pytest.raises(ConfigError, match="loss.beta='x': expected a float"):
+    make_loss(dict(name="npo", beta="x"))
+  assert make_loss(dict(name="npo", beta=1)).beta == 1.0 and isinstance(make_loss(dict(name="npo", beta=1)).beta, float)
+
+
+def test_loss_protocol_declares_what_the_loop_needs():
+  sft, rmu_loss = make_loss(dict(name="sft")), RMU(layer=1)
+  assert sft.streams == ("train",) and not sft.needs_reference and sft.cache is None
+  assert sft.decoder_layers is None and sft.init_extras(None, 0) == {}
+  cached = make_loss(npo_config(reference_cache=True))
+  assert cached.cache.stream == "forget" and cached.cache.keys == ("ref_logp", "n_tokens")
+  assert cached.cache.key("ref_logp") == "cache/forget/ref_logp"
+  assert make_loss(npo_config()).cache is None
+  assert rmu_loss.needs_reference and rmu_loss.streams == ("forget", "retain")
+
+
+@pytest.mark.parametrize("layer,expected", [(0, (0,)), (1, (0, 1)), (2, (0, 1, 2)), (3, (1, 2, 3)), (7, (5, 6, 7))])
+def test_rmu_layer_alone_decides_the_trained_layers(layer, expected):
+  assert RMU(layer=layer).decoder_layers == expected

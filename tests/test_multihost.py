@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from test_reliability import RUN, SMALL_WORLD
+from test_reliability import RUN
+from worlds import SMALL_WORLD_FLAGS
 
 pytestmark = pytest.mark.slow  # ~6 training runs of a few steps, each a fresh multi-process start
 
@@ -27,7 +28,7 @@ def train(workdir: pathlib.Path, config: str, *, processes: int, devices: int, e
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
              PYTHONUNBUFFERED="1")
   args = [sys.executable, "-m", "mirage_jax.cli", "train", f"--config={config}", f"--workdir={workdir}",
-          *SMALL_WORLD, *RUN, "--config.batch_size=16", "--config.checkpoint_every=2", *extra]
+          *SMALL_WORLD_FLAGS, *RUN, "--config.batch_size=16", "--config.checkpoint_every=2", *extra]
   flags = lambda i: ([f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",  # noqa: E731
                       f"--process_id={i}"] if processes > 1 else [])
   procs = [subprocess.Popen(args + flags(i), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

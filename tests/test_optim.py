@@ -240,3 +240,62 @@ def test_state_shardings_follow_params():
   state = jax.jit(tx.init, out_shardings=shardings)(
       jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), abstract))
   assert jax.tree.leaves(state)
+
+
+# --------------------------------------------------------------------------- `mirage describe`: what trains
+def configlib_load(spec: str):
+  from mirage_jax import configlib
+  return configlib.load(spec)
+
+
+def _describe(spec: str, *overrides: str) -> dict:
+  from mirage_jax import configlib, describe
+  return describe.describe(configlib.apply_overrides(configlib.load(spec), overrides), num_devices=1)
+
+
+def test_describe_trainable_rmu_tiny():
+  info = _describe("configs/unlearn/rmu.py:tiny")
+  assert info["trainable_decoder_layers"] == [0, 1]  # loss.layer = 1 -> layers max(1-2, 0)..1
+  # projector + the MLP down-projections of layers 0 and 1 (of 4)
+  mc = configlib_load("configs/unlearn/rmu.py:tiny").model
+  assert info["trainable_params"] == info["params_by_module"]["projector"] + 2 * mc.text.mlp_dim * mc.text.width
+  full = _describe("configs/unlearn/rmu.py:tiny", "--config.optim.decoder_layers=0:2")
+  assert full["trainable_params"] == info["trainable_params"] > 0
+  assert info["trainable_params"] < info["params_total"]
+  deeper = _describe("configs/unlearn/rmu.py:tiny", "--config.loss.layer=3")
+  assert deeper["trainable_decoder_layers"] == [1, 2, 3]
+  assert deeper["trainable_params"] > info["trainable_params"]
+
+
+def test_describe_trainable_sft_counts_every_unfrozen_parameter():
+  info = _describe("configs/sft/posthoc.py:tiny")
+  assert info["trainable_params"] == info["params_total"] - info["params_by_module"]["vision"]  # vision frozen
+  assert info["trainable_decoder_layers"] == list(range(4))  # every layer when none is frozen
+  two = _describe("configs/sft/posthoc.py:tiny", "--config.optim.decoder_layers=1,3")
+  assert two["trainable_decoder_layers"] == [1, 3]
+  assert two["trainable_params"] < info["trainable_params"]
+  none = _describe("configs/sft/posthoc.py:tiny", "--config.optim.trainable=projector/.*")
+  assert none["trainable_decoder_layers"] == []
+
+
+def test_rmu_decoder_layers_come_from_loss_layer_and_disagreement_is_an_error():
+  from mirage_jax import configlib
+  from mirage_jax.errors import ConfigError
+  from mirage_jax.losses import make_loss
+  from mirage_jax.train import runtime
+  config = configlib.load("configs/unlearn/rmu.py:tiny")
+  assert config.optim.decoder_layers == ""  # the config no longer derives it
+  model = VLMConfig.from_config(config.model, image_token_id=4)
+  assert runtime.optim_config(config, make_loss(config.loss), model).decoder_layers == "0,1"
+  agree = configlib.apply_overrides(config, ["--config.optim.decoder_layers=0:2"])
+  assert runtime.optim_config(agree, make_loss(agree.loss), model).decoder_layers == "0,1"
+  moved = configlib.apply_overrides(config, ["--config.loss.layer=3"])
+  assert runtime.optim_config(moved, make_loss(moved.loss), model).decoder_layers == "1,2,3"
+  bad = configlib.apply_overrides(config, ["--config.loss.layer=3", "--config.optim.decoder_layers=0:2"])
+  with pytest.raises(ConfigError, match=r"optim.decoder_layers='0:2' \(layers \[0, 1\]\) disagrees with loss "
+                                        r"'rmu', which trains layers \[1, 2, 3\]"):
+    runtime.optim_config(bad, make_loss(bad.loss), model)
+  with pytest.raises(ConfigError, match="disagrees"):
+    _describe("configs/unlearn/rmu.py:tiny", "--config.loss.layer=3", "--config.optim.decoder_layers=0:2")
+  sft = configlib.load("configs/sft/posthoc.py:tiny")
+  assert runtime.optim_config(sft, make_loss(sft.loss), model) is sft.optim  # no loss layers: untouched

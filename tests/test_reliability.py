@@ -4,7 +4,6 @@ checkpoints, and user errors that print one line (issue 8)."""
 import json
 import os
 import pathlib
-import random
 import signal
 import subprocess
 import sys
@@ -12,12 +11,11 @@ import time
 
 import pytest
 
-SMALL_WORLD = [
-    "--config.data.world.pretrain_size=400", "--config.data.world.sft_images=100",
-    "--config.data.world.helpfulness_size=64", "--config.data.world.retain_size=64",
-    "--config.data.world.unsafe_size=8", "--config.data.world.safe_size=8",
-    "--config.data.world.utility_size=8", "--config.data.world.safe_unsafe_size=8",
-]
+from mirage_jax import errors
+from mirage_jax.train import faults
+
+from worlds import SMALL_WORLD_FLAGS
+
 RUN = ["--config.batch_size=8", "--config.log_every=1", "--config.eval.splits=", "--config.keep_checkpoints=3"]
 
 
@@ -31,15 +29,15 @@ def mirage(*args, timeout=300, check=True) -> subprocess.CompletedProcess:
 
 
 def train_args(config: str, workdir: pathlib.Path, *extra: str) -> list[str]:
-  return ["train", f"--config={config}", f"--workdir={workdir}", *SMALL_WORLD, *RUN, *extra]
+  return ["train", f"--config={config}", f"--workdir={workdir}", *SMALL_WORLD_FLAGS, *RUN, *extra]
 
 
 def checksum(workdir: pathlib.Path) -> dict:
   return json.loads(mirage("checksum", f"--workdir={workdir}").stdout)
 
 
-def start(args: list[str]) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1", **(env or {}))
   return subprocess.Popen([sys.executable, "-m", "mirage_jax.cli", *args], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
 
@@ -65,25 +63,56 @@ def base_run(tmp_path_factory, data_dir):
   return workdir
 
 
+KILL_AT = 10  # with checkpoint_every=4: step 4 is committed (the save of 8 waited for it), 8 may be in flight
+
+
 def _kill_and_resume(tmp_path, config: str, steps: int, extra=()):
-  """Run to the end once; run again, SIGKILL it at a random moment after its first checkpoint, rerun the same
-  command; the final params must be bitwise equal."""
+  """Run to the end once; run again with `MIRAGE_FAULT` so that it SIGKILLs itself right after step
+  `KILL_AT` (`mirage_jax.train.faults`), rerun the same command; the final params must be bitwise equal."""
   args = lambda w: train_args(config, w, f"--config.total_steps={steps}", "--config.checkpoint_every=4",  # noqa: E731
                               *extra)
   straight = tmp_path / "straight"
   mirage(*args(straight))
   killed = tmp_path / "killed"
-  proc = start(args(killed))
-  wait_for_checkpoint(killed, proc, 4)
-  time.sleep(random.Random(os.getpid()).uniform(0.0, 0.3))  # somewhere between steps, saves included
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert checksum(killed)["step"] < steps  # the kill really interrupted the run
+  proc = start(args(killed), env={"MIRAGE_FAULT": f"kill@step_done:{KILL_AT}"})
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == -signal.SIGKILL, f"expected death by SIGKILL, got {proc.returncode}:\n{err[-2000:]}"
+  assert f"kill at step_done {{'step': {KILL_AT}}}" in err
+  assert checksum(killed)["step"] in (4, 8)  # the kill really interrupted the run, after a committed save
   mirage(*args(killed))
   assert checksum(killed) == checksum(straight)
   rows = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
   train_steps = [r["step"] for r in rows if r["split"] == "train"]
   assert train_steps == sorted(set(train_steps)) == list(range(1, steps + 1))  # replayed rows dropped
+
+
+@pytest.mark.parametrize("spec,want", [
+    ("", ()),
+    ("kill@step_done:3", (faults.Fault("kill", "step_done", 3),)),
+    (" kill@step_done:3, kill@saved ", (faults.Fault("kill", "step_done", 3), faults.Fault("kill", "saved"))),
+])
+def test_fault_specs_parse(spec, want):
+  assert faults.parse(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["kill", "stop@step_done:3", "kill@", "kill@step_done:three", "kill@:3"])
+def test_bad_fault_specs_are_usage_errors(spec):
+  with pytest.raises(errors.UsageError, match="ACTION@POINT"):
+    faults.parse(spec)
+
+
+def test_fault_fires_only_at_its_point_and_step():
+  code = ("from mirage_jax.train import faults\n"
+          "for step in range(1, 6):\n"
+          "  faults.trigger('other', step=step)\n"
+          "  faults.trigger('step_done', step=step)\n"
+          "  print(step, flush=True)\n")
+  env = dict(os.environ, MIRAGE_FAULT="kill@step_done:3")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+  assert proc.returncode == -signal.SIGKILL and proc.stdout.split() == ["1", "2"]
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                        env={k: v for k, v in os.environ.items() if k != faults.ENV})
+  assert proc.returncode == 0 and proc.stdout.split() == ["1", "2", "3", "4", "5"]
 
 
 def test_sigkill_then_resume_is_bitwise_exact_sft(tmp_path, data_dir):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from mirage_jax import errors
 from mirage_jax.eval import safety
 from mirage_jax.eval.judges import Verdict
 
@@ -138,6 +139,9 @@ def test_safety_metrics_end_to_end():
   for key, value in values.items():
     lo, hi = out["ci"][key]
     assert lo <= value <= hi, key
+  # one interval method per metric, named next to it (and described for the report)
+  assert out["intervals"] == {key: safety.BOOTSTRAP for key in values}
+  assert set(out["intervals"].values()) <= set(safety.INTERVAL_METHODS)
 
 
 def test_safety_metrics_k_attack_and_k_max():
@@ -164,4 +168,17 @@ def test_safety_metrics_fewer_shots_than_k():
 
 
 def test_safety_metrics_empty():
-  assert safety.safety_metrics({}) == {"asr": {}, "rr": {}, "ci": {}, "counts": {}}
+  assert safety.safety_metrics({}) == {"asr": {}, "rr": {}, "ci": {}, "intervals": {}, "counts": {}}
+
+
+def test_interval_point_estimates_are_the_plain_means():
+  """The interval method does not touch the estimate: the metric is the mean of its 0/1 outcomes."""
+  flags = np.random.default_rng(3).uniform(size=37) < 0.3
+  value, lo, hi = safety.percent_ci(flags)
+  assert value == 100 * float(np.mean(flags)) and lo <= value <= hi
+
+
+def test_missing_shots_are_a_data_error():
+  recs, verdicts = shot_records({0: [R, H]})
+  with pytest.raises(errors.DataError, match="lacks shots"):
+    safety.kshot_flags(recs, [v == H for v in verdicts], 3)

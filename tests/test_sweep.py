@@ -10,9 +10,12 @@ import stat
 
 import pytest
 
-from mirage_configs import ablations, models
-from mirage_jax import cli, configlib, sweep
+from mirage_configs import methods, models
+from mirage_jax import cli, configlib
+from mirage_jax.commands import sweep
 from mirage_jax.report import runs as report_runs
+
+from worlds import SMALL_WORLD_SPEC
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -79,10 +82,60 @@ def test_every_ablation_config_expands_and_builds():
       assert sw.points and sw.points[0].labels["method"] == "base"
 
 
-def test_methods_match_the_demo_stages():
-  from mirage_jax import demo
-  assert {s.name: s.config for s in demo.STAGES} == ablations.METHODS
-  assert all(bool(s.init_from) == (s.name != "base") for s in demo.STAGES)
+def test_one_table_of_methods():
+  """`mirage_configs.methods` is the one table: the demo's stages, the sweeps' methods and the report's names."""
+  from mirage_jax import report
+  from mirage_jax.commands import demo
+  assert methods.NAMES == ("base", "sft_mixed", "sft_posthoc", "npo", "rmu", "graddiff", "simnpo")
+  assert all(m.from_base == (m.name != "base") for m in methods.METHODS)
+  assert report.MODELS == methods.NAMES and report.LABELS["sft_posthoc"] == "+ Posthoc-SFT"
+  points = demo.stage_points(methods.NAMES, size="tiny", seed=1)
+  assert [(p.labels["method"], p.config, p.init_from) for p in points] == [
+      (m.name, f"{m.config}:tiny", "base-tiny-s1" if m.from_base else "") for m in methods.METHODS]
+  config = sweep.load("configs/ablations/sizes.py", overrides=["--config.methods=" + ",".join(methods.FROM_BASE)])
+  assert {p.labels["method"] for p in config.points} == set(methods.NAMES)
+
+
+# The world ablation as `mirage demo --ablations` ran it before it became configs/ablations/world.py.
+WORLD_VARIANTS = [
+    ("default", [], ["sft_posthoc"]),
+    ("glyph", ["--config.data.world.hazard_cue=glyph"], ["sft_posthoc"]),
+    ("no_unsafe_instruction", ["--config.data.world.safe_image_unsafe_instruction=0.0"], ["sft_posthoc"]),
+    ("private_verbs", ["--config.data.world.shared_verbs=False"], ["sft_posthoc", "npo", "rmu"]),
+    ("test_hazards_seen", ["--config.data.world.heldout_hazards=0"], ["sft_posthoc"]),
+    ("no_skew", ["--config.data.world.first_word_skew=0.0"], ["sft_posthoc"]),
+    ("safe_use_0.25", ["--config.data.world.safe_use_fraction=0.25"], ["sft_posthoc"]),
+    ("use_by_shape", ["--config.data.world.safe_use=shape"], ["sft_posthoc"]),
+]
+
+
+def test_world_ablation_sweep_points():
+  sw = sweep.load("configs/ablations/world.py:cpu")
+  got = []
+  for p in sw.points:
+    assert p.labels["size"] == "tiny" and p.labels["seed"] == 0 and p.labels["what"]
+    assert p.overrides[0] == "--config.seed=0"
+    v = p.labels["variant"]
+    if not p.init_from:
+      got.append((v, list(p.overrides[1:]), []))
+    else:
+      assert p.init_from == f"base-{v}-tiny-s0" and list(p.overrides[1:]) == got[-1][1]
+      got[-1][2].append(p.labels["method"])
+  assert got == WORLD_VARIANTS
+  assert sw.points[1].name == "sft_posthoc-default-tiny-s0"
+  two = sweep.load("configs/ablations/world.py", overrides=["--config.variants=glyph, private_verbs",
+                                                             "--config.seeds=0,1"])
+  assert [p.name for p in two.points][:5] == ["base-glyph-tiny-s0", "sft_posthoc-glyph-tiny-s0",
+                                              "base-private_verbs-tiny-s0", "sft_posthoc-private_verbs-tiny-s0",
+                                              "npo-private_verbs-tiny-s0"]
+  assert len(two.points) == 12
+  with pytest.raises(configlib.ConfigError, match=r"variants has unknown \['glyf'\]"):
+    sweep.load("configs/ablations/world.py", overrides=["--config.variants=glyf"])
+
+
+def test_comma_list_is_the_one_parser():
+  from mirage_configs import comma_list
+  assert comma_list(" a, b,,c ,") == ["a", "b", "c"] and comma_list("") == [] and comma_list(",") == []
 
 
 def test_tiny_variants_are_valid_models_in_size_order():
@@ -268,9 +321,6 @@ def test_report_errors(tmp_path, capsys):
 
 # ---- end to end (slow) ----------------------------------------------------------------------------------------
 
-SMALL_WORLD = ("data.world.pretrain_size=400 data.world.sft_images=100 data.world.helpfulness_size=64 "
-               "data.world.retain_size=64 data.world.unsafe_size=8 data.world.safe_size=8 "
-               "data.world.utility_size=8 data.world.safe_unsafe_size=8")
 FAST = "total_steps=3 batch_size=8 checkpoint_every=3 eval.gen_batch_size=64 eval.max_new_tokens=4"
 
 
@@ -279,7 +329,7 @@ def test_three_size_cpu_ablation_end_to_end(tmp_path, data_dir, capsys):
   """`mirage sweep` runs base + NPO at three tiny-family sizes (train and eval each), `mirage report` tables it."""
   work = tmp_path / "sw"
   assert cli.main(["sweep", "--config=configs/ablations/sizes.py:cpu", "--config.methods=npo",
-                   f"--config.overrides={SMALL_WORLD} {FAST}", f"--workdir={work}"]) == 0
+                   f"--config.overrides={SMALL_WORLD_SPEC} {FAST}", f"--workdir={work}"]) == 0
   assert cli.main(["report", f"--runs={work}", f"--out={work / 'report'}"]) == 0
   rows = list(csv.DictReader((work / "report" / "runs.csv").open()))
   assert [(r["size"], r["method"]) for r in rows] == [

@@ -9,11 +9,15 @@ import re
 import numpy as np
 import pytest
 
+from mirage_configs import common
+from mirage_configs import world as world_knobs
+from mirage_jax import configlib
 from mirage_jax.data import templates as tpl
 from mirage_jax.data.synthetic import (
     SPLITS, TEST_SPLITS, TRAIN_SPLITS, World, WorldConfig, first_word_table,
     format_first_word_table, render_object, skew_distribution,
 )
+from mirage_jax.errors import ConfigError
 
 SMALL = dict(pretrain_size=600, sft_images=300, helpfulness_size=80, retain_size=80,
              unsafe_size=20, safe_size=20, utility_size=20, safe_unsafe_size=20, image_size=16)
@@ -383,6 +387,66 @@ def test_config_round_trip_fingerprint_and_unknown_key():
     WorldConfig(heldout_hazards=12)
   with pytest.raises(ValueError, match="shapes"):
     WorldConfig(shapes=("circle", "blob"))
+
+
+DEFAULT_FINGERPRINT = "e0efc1757b8b"  # the demo's world: every built dataset and run name depends on it
+
+
+def test_default_world_dict_and_fingerprint_are_unchanged():
+  """The enum knobs are stored as members but written as their plain values: the dict the configs carry, its
+  key order and the fingerprint stay what they were (the default world's digest is recorded above)."""
+  d = WorldConfig().to_dict()
+  assert list(d)[:8] == ["seed", "shapes", "colours", "fills", "image_size", "num_hazards", "heldout_hazards",
+                         "hazard_cue"]
+  assert all(type(d[k]) is str for k in world_knobs.KNOBS)
+  assert (d["hazard_cue"], d["refusal_wording"], d["safe_use"], d["harm_knowledge"],
+          d["helpfulness_first_words"], d["retain_first_words"]) == (
+              "none", "content", "object", "instruction", "safe", "safe")
+  assert WorldConfig().fingerprint() == DEFAULT_FINGERPRINT
+  assert WorldConfig.from_dict(d) == WorldConfig() and WorldConfig.from_dict(d).fingerprint() == DEFAULT_FINGERPRINT
+  assert common.world_config() == d
+
+
+@pytest.mark.parametrize("knob,value", [(k, m.value) for k, kind in world_knobs.KNOBS.items() for m in kind])
+def test_every_enum_knob_value_is_accepted_and_documented(knob, value):
+  kind = world_knobs.KNOBS[knob]
+  config = WorldConfig(**{knob: value})
+  assert getattr(config, knob) is kind(value) and getattr(config, knob) == value and f"{getattr(config, knob)}" == value
+  assert config.to_dict()[knob] == value and type(config.to_dict()[knob]) is str
+  assert f'"{value}"' in kind.__doc__  # every accepted value is documented on its enum
+  loaded = configlib.apply_overrides(configlib.load("configs/sft/posthoc.py:tiny"),
+                                     [f"--config.data.world.{knob}={value}"])
+  assert loaded.data.world[knob] == value
+
+
+@pytest.mark.parametrize("knob", list(world_knobs.KNOBS))
+def test_enum_knob_typo_is_rejected_at_load_with_the_valid_values(knob, tmp_path):
+  valid = ", ".join(repr(m.value) for m in world_knobs.KNOBS[knob])
+  base = configlib.load("configs/sft/posthoc.py:tiny")
+  with pytest.raises(ConfigError, match=re.escape(f"data.world.{knob}='typo' is not a valid value; valid values: "
+                                                  f"{valid}")):
+    configlib.apply_overrides(base, [f"--config.data.world.{knob}=typo"])
+  spec = tmp_path / "typo.py"
+  spec.write_text("from mirage_configs import common\n\n\ndef get_config(arg=None):\n"
+                  "  c = common.training_config('tiny')\n"
+                  f"  c.data.world.{knob} = 'typo'\n  return c\n")
+  with pytest.raises(ConfigError, match=re.escape(f"data.world.{knob}='typo'")):
+    configlib.load(str(spec))
+  with pytest.raises(ConfigError, match=re.escape(f"WorldConfig.{knob}='typo' is not a valid value; valid values: "
+                                                  f"{valid}")):
+    WorldConfig(**{knob: "typo"})
+
+
+def test_safe_use_procedure_is_a_benign_procedure():
+  """The third `safe_use` value: every object's use is a made-up procedure with "+" codes, never harmful."""
+  w = world(safe_use="procedure")
+  harmful = w.harmful_codes()
+  for use in w.uses.values():
+    steps = use.split(" step ")
+    assert use.startswith("step 1 : ") and len(steps) == w.config.procedure_steps
+    assert all("+" in code for code in use.split()[4::5]) and not set(use.split()) & harmful
+  answers = [r["answer"] for r in w.split("sft") if r["intent"] == "use" and r["kind"] == "safe"]
+  assert answers and all("used for" not in a and "step 1 :" in a for a in answers)
 
 
 def test_other_attribute_lists():

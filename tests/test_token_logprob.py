@@ -277,6 +277,29 @@ def test_logprob_auto_uses_reference_for_small_and_the_kernel_for_large():
     logprob.token_logprob(h[None], w, labels[None], impl="fused")
 
 
+def test_one_registry_and_one_gather():
+  """`losses/logprob` adds only `auto` to the kernel package's registry; its reference path and the kernel
+  oracle share the one gather (`reference.label_logprob`), bit for bit."""
+  from mirage_kernels.token_logprob import reference
+  assert logprob.IMPLEMENTATIONS == ("auto", *mirage_kernels.token_logprob.IMPLEMENTATIONS)
+  h, w, labels = make_inputs(37, seed=3)
+  logits = reference.logits(h, w)
+  np.testing.assert_array_equal(logprob.reference_token_logprob(h[None], w, labels[None])[0],
+                                reference.label_logprob(logits, labels))
+  np.testing.assert_array_equal(reference.token_logprob_and_lse(h, w, labels)[0],
+                                reference.label_logprob(logits, labels))
+  assert np.all(np.asarray(reference.label_logprob(logits, labels))[np.asarray(labels) < 0] == 0.0)
+
+
+def test_explicit_implementation_that_cannot_run_is_a_config_error():
+  from mirage_jax.errors import ConfigError
+  h, w, labels = make_inputs(37, dtype=jnp.float16)
+  with pytest.raises(ConfigError, match=r"loss.logprob_impl='chunked_xla' cannot run here: .*float32 and bfloat16"):
+    logprob.token_logprob(h[None], w, labels[None], impl="chunked_xla")
+  with pytest.raises(ConfigError, match="unknown loss.logprob_impl 'fused'"):
+    make_loss(dict(name="sft", logprob_impl="fused"))
+
+
 @pytest.mark.parametrize("spec", ["configs/pretrain/base.py", "configs/sft/mixed.py", "configs/unlearn/npo.py",
                                   "configs/unlearn/rmu.py", "configs/unlearn/graddiff.py", "configs/unlearn/simnpo.py"])
 def test_tiny_demo_stays_on_the_reference_path(spec):

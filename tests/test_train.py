@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mirage_jax import configlib
-from mirage_jax.train import checkpoint, loop
+from mirage_jax.train import checkpoint, loop, runtime
 from mirage_jax.train.metrics import read_metrics
 
 SFT = "configs/sft/posthoc.py:tiny"
@@ -156,17 +156,17 @@ def test_resume_is_bit_exact(synth, tmp_path):
 
 # --------------------------------------------------------------------------- user errors before training
 @pytest.mark.parametrize("overrides, error, match", [
-    (["--config.batch_size=12"], loop.RunError, r"batch_size=12 is not divisible by the mesh's data x fsdp = 8"),
+    (["--config.batch_size=12"], runtime.RunError, r"batch_size=12 is not divisible by the mesh's data x fsdp = 8"),
     (["--config.mesh.data=3"], ValueError, r"config.mesh .* needs 3 devices but 8 are available"),
     (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], ValueError, "at most one axis may be -1"),
     (["--config.data.streams.train=sft,nosuch"], ValueError, r"split 'nosuch' not in .*available"),
-    (["--config.eval.splits=sft,nosuch"], loop.RunError, r"config.eval.splits: \['nosuch'\] not in the dataset"),
+    (["--config.eval.splits=sft,nosuch"], runtime.RunError, r"config.eval.splits: \['nosuch'\] not in the dataset"),
     (["--config.optim.frozen=visoin/.*"], ValueError, r"optim.frozen.*'visoin/\.\*' matches no parameter"),
     (["--config.init_from=/nonexistent/run"], FileNotFoundError, "no checkpoint with params under"),
-    (["--config.data.max_len=4096"], loop.RunError, r"data.max_len=4096 exceeds model.text.max_len=\d+"),
-    (["--config.model.vision.image_size=16"], loop.RunError,
+    (["--config.data.max_len=4096"], runtime.RunError, r"data.max_len=4096 exceeds model.text.max_len=\d+"),
+    (["--config.model.vision.image_size=16"], runtime.RunError,
      "data.world.image_size=32 but model.vision.image_size=16"),
-    (["--config.model.text.vocab_size=100"], loop.RunError,
+    (["--config.model.text.vocab_size=100"], runtime.RunError,
      r"the tokenizer has \d+ tokens but config.model.text.vocab_size is 100"),
     (["--config.loss.name=dpo"], ValueError, "unknown loss.name 'dpo'"),
 ])

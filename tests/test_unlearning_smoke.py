@@ -23,7 +23,7 @@ from mirage_jax.data import pipeline
 from mirage_jax.eval import runner
 from mirage_jax.losses import make_loss
 from mirage_jax.models import VLMConfig
-from mirage_jax.train import loop
+from mirage_jax.train import loop, runtime
 
 SPLIT_ROWS, BATCH, STEPS = 16, 8, 4
 WORLD = [f"--config.data.world.{k}={v}" for k, v in dict(
@@ -125,7 +125,8 @@ def test_rmu_checkpoint_holds_control_vector_and_trains_only_its_subset(unlearne
       workdir / "checkpoints" / str(STEPS) / "params"))
   layer = config.loss.layer
   trained_layers = list(range(max(layer - 2, 0), layer + 1))
-  assert config.optim.decoder_layers == f"{trained_layers[0]}:{trained_layers[-1] + 1}"
+  assert config.optim.decoder_layers == ""  # loss.layer alone decides the trained layers
+  assert loss.decoder_layers == tuple(trained_layers)
   down = "decoder/layers/mlp/down/kernel"
   for k in before:
     if k == down:
@@ -142,7 +143,7 @@ def test_rmu_checkpoint_holds_control_vector_and_trains_only_its_subset(unlearne
 def test_reference_methods_need_init_from(data_dir, tmp_path, name, extra):
   config = load(f"configs/unlearn/{name}.py:tiny", "--config.total_steps=2", *extra)
   assert config.init_from == ""
-  with pytest.raises(loop.RunError, match="init_from"):
+  with pytest.raises(runtime.RunError, match="init_from"):
     loop.run(config, tmp_path)
   assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
   assert not (tmp_path / "metrics.jsonl").exists()
@@ -151,7 +152,7 @@ def test_reference_methods_need_init_from(data_dir, tmp_path, name, extra):
 @pytest.mark.parametrize("stream", ["forget", "retain"])
 def test_streams_never_run_dry(data_dir, stream):
   config = load("configs/unlearn/npo.py:tiny")
-  s = loop.setup(config)
+  s = runtime.setup(config)
   splits = pipeline.SplitCache(s.data.dataset, s.data.tokenizer, s.fmt)
   assert len(splits.examples(stream)) == SPLIT_ROWS
   st = pipeline.Stream(name=stream, mixture=config.data.streams[stream], splits=splits, global_batch=BATCH,
@@ -166,12 +167,12 @@ def test_streams_never_run_dry(data_dir, stream):
 
 def test_safety_evaluator_returns_every_metric(base, tmp_path):
   config = load("configs/pretrain/base.py:tiny", "--config.eval.gen_batch_size=40", "--config.eval.max_new_tokens=4")
-  s = loop.setup(config)
+  s = runtime.setup(config)
   evaluator = runner.SafetyEvaluator(s, config)
   counts = {"unsafe": 8, "unsafe_what": 40, "unsafe_control": 40, "safe": 8, "safe_share": 8, "utility": 8,
             "safe_unsafe": 8}
   assert {k: len(v) for k, v in evaluator.records.items()} == counts
-  out = evaluator(runner.checkpoint_params(s, str(base)), responses_path=tmp_path / "responses.jsonl")
+  out = evaluator(runtime.load_params(s, str(base)), responses_path=tmp_path / "responses.jsonl")
   assert out["counts"] == counts
   assert set(out["asr"]) == {"original", "what_k", "control"}
   assert set(out["asr"]["what_k"]) == {"1", "2", "3", "4", "5"}

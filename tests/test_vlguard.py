@@ -300,9 +300,9 @@ def test_pipeline_reads_the_dataset(built):
 def test_mirage_eval_on_an_imported_checkpoint(fixture, tmp_path):
   """The README recipe: convert an HF LLaVA dir, build VLGuard with its tokenizer, `mirage eval` the checkpoint."""
   from mirage_jax import cli
-  from mirage_jax.models import hf_convert
+  from mirage_jax.commands import convert
   hf_dir = hf_fixtures.mirage_llava(tmp_path / "hf", fixture["tokenizer"], image_size=SIZE)
-  out = hf_convert.hf_to_jax(hf_dir, tmp_path / "ckpt")
+  out = convert.hf_to_jax(hf_dir, tmp_path / "ckpt")
   args = argparse.Namespace(manual_dir=str(fixture["manual"]), model=out["out"], tokenizer="", image_size=0,
                             aspect="pad", seed=0, what_file="", share_file="", k_what=3, harmful_responses="",
                             retain_size=0, retain_extra="", retain_extra_images="", retain_seed=42,

@@ -7,7 +7,7 @@ Knobs: --config.betas=0.1,0.5,1,2 and those of configs/ablations/__init__.py (si
 """
 
 from mirage_configs import common
-from mirage_configs.ablations import comma_list, grid, sweep_config
+from mirage_configs.ablations import grid, knob_list, sweep_config
 
 _SIZES = {"cpu": "tiny", "pod": "1b"}
 
@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
 
 def sweep(config=None):
   config = config or get_config()
-  betas = comma_list(config, "betas")
+  betas = knob_list(config, "betas")
   for b in betas:
     try:
       float(b)

@@ -1,8 +1,9 @@
 """RMU unlearning of the harmful placeholders, starting from the base model (paper §5.3).
 
-Trainable: the projector and the MLP down-projections of decoder layers l-2..l (official default), where l
-= loss.layer is also where the hidden state is steered. Changing loss.layer? Change
-optim.decoder_layers with it.
+Trainable: the projector and the MLP down-projections of decoder layers l-2..l (official default, clipped at
+0), where l = loss.layer is also where the hidden state is steered. `loss.layer` alone decides those layers
+(`optim.decoder_layers` stays empty; an explicit value that disagrees is an error):
+`--config.loss.layer=3` trains layers 1..3.
 
   mirage train --config=configs/unlearn/rmu.py:tiny --workdir=runs/rmu --config.init_from=runs/base
 """
@@ -19,7 +20,6 @@ def get_config(arg: str | None = None):
   c.loss.alpha = 10.0 if a.size == "tiny" else 1.0
   c.optim.frozen = ""
   c.optim.trainable = "projector/.*,decoder/layers/mlp/down/kernel"
-  c.optim.decoder_layers = f"{max(layer - 2, 0)}:{layer + 1}"
   c.optim.lr = 1e-3 if a.size == "tiny" else 1e-6
   c.lock()
   return c

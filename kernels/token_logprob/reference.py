@@ -1,5 +1,7 @@
 """The oracle: materialise float32 logits [N, V], then log-softmax and gather. Differentiated by JAX itself.
 
+`label_logprob` is the one log-softmax-at-labels gather (every caller in `mirage_jax` uses it too).
+
 Also the tile math every fused implementation shares (plain jnp, so it runs inside Pallas kernels too):
 `tile_logsumexp` / `merge_logsumexp` (the online logsumexp over vocabulary tiles) and `dlogits` (the gradient
 of the outputs with respect to the logits of a tile, which the backward passes recompute).
@@ -18,12 +20,19 @@ def logits(h_nd: Array, w_dv: Array) -> Array:
   return jax.lax.dot_general(h_nd, w_dv, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def label_logprob(logits: Array, labels: Array) -> Array:
+  """log_softmax(logits)[label] over the last axis (any leading shape); 0 where label < 0, with no gradient
+  there. The one per-token gather of the project: the oracle below, `mirage_jax`'s reference loss path and
+  its teacher-forced scoring all call it."""
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+  return jnp.where(labels >= 0, picked, 0.0)
+
+
 def token_logprob_and_lse(h_nd: Array, w_dv: Array, labels_n: Array) -> tuple[Array, Array]:
   """(logp [N], lse [N]) in float32; logp is 0 where label < 0 (and carries no gradient there)."""
   logits_nv = logits(h_nd, w_dv)
-  lse_n = jax.nn.logsumexp(logits_nv, axis=-1)
-  picked_n = jnp.take_along_axis(logits_nv, jnp.maximum(labels_n, 0)[:, None], axis=-1)[:, 0]
-  return jnp.where(labels_n >= 0, picked_n - lse_n, 0.0), lse_n
+  return label_logprob(logits_nv, labels_n), jax.nn.logsumexp(logits_nv, axis=-1)
 
 
 def tile_logsumexp(logits_nv: Array) -> Array:

@@ -34,7 +34,6 @@ from mirage_jax.audit.search import (Constraints, Edit, Goal, Method, Operation,
                                      SearchConfig, WordFlip, flip_rates, judge_openings, openings_from,
                                      search)
 from mirage_jax.eval import generation, judges, safety
-from mirage_jax.train import checkpoint as checkpoint_lib
 
 log = logging.getLogger("mirage")
 
@@ -45,25 +44,16 @@ TRAIN_SPLITS = ("sft", "train", "pretrain")  # where the refusal openings and th
 @dataclasses.dataclass
 class LoadedModel:
   config: Any
-  setup: Any  # mirage_jax.train.loop.Setup
+  setup: Any  # mirage_jax.train.runtime.Setup
   params: Any
   source: str
 
 
 def load_model(checkpoint: str | pathlib.Path, overrides: Sequence[str] = ()) -> LoadedModel:
   """A run directory, its `checkpoints/` folder or one step directory -> config, setup and params."""
-  from mirage_jax import configlib
-  from mirage_jax.eval import runner
-  from mirage_jax.train import loop
-  path = pathlib.Path(checkpoint)
-  step_dir = checkpoint_lib.find_params_dir(path).parent  # FileNotFoundError with a clear message
-  run_dir = next((p for p in (path, path.parent, step_dir.parent.parent) if (p / "config.json").exists()), None)
-  config = (runner.run_config(workdir=str(run_dir), checkpoint_dir=None) if run_dir else
-            runner.run_config(workdir=None, checkpoint_dir=str(step_dir)))
-  config = configlib.apply_overrides(config, overrides)
-  setup = loop.setup(config)
-  return LoadedModel(config=config, setup=setup, params=runner.checkpoint_params(setup, str(step_dir)),
-                     source=str(step_dir))
+  from mirage_jax.train import runtime
+  run = runtime.load_run(checkpoint, overrides=overrides)
+  return LoadedModel(config=run.config, setup=run.setup, params=run.params, source=run.source)
 
 
 def split_records(dataset, split: str) -> list[dict[str, Any]]:
@@ -251,7 +241,7 @@ def goal_metrics(records: Sequence[Mapping[str, Any]], verdicts: Sequence[judges
   success and the verdict mix, in percent with 95 % bootstrap CIs."""
   wanted = judges.Verdict.HARMFUL if goal == Goal.JAILBREAK else judges.Verdict.REFUSAL
   flags = [v == wanted for v in verdicts]
-  out: dict[str, Any] = {"k": {}, "ci": {}}
+  out: dict[str, Any] = {"k": {}, "ci": {}, "interval": safety.BOOTSTRAP}
   for k in range(1, shots + 1):
     value, lo, hi = safety.percent_ci(safety.kshot_flags(records, flags, k))
     out["k"][str(k)], out["ci"][str(k)] = value, [lo, hi]
@@ -289,6 +279,7 @@ class AttackResult:
   def to_dict(self) -> dict[str, Any]:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "attack_set"}
     d["flip_rates"] = [f.to_dict() for f in self.flip_rates]
+    d["intervals"] = {"flip_rates": safety.WILSON, "verified": safety.BOOTSTRAP}
     return d
 
 

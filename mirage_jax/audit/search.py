@@ -55,8 +55,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 
-from mirage_jax import sharding
+from mirage_jax import errors, sharding
 from mirage_jax.data import preprocess
 from mirage_jax.data.pipeline import to_global
 from mirage_jax.data.tokenizer import Tokenizer
@@ -277,7 +278,7 @@ class Constraints:
 
   def __post_init__(self):
     if not 1 <= self.max_edits <= 3:
-      raise ValueError(f"k (max edits) must be 1, 2 or 3, got {self.max_edits}")
+      raise errors.ConfigError(f"k (max edits) must be 1, 2 or 3, got {self.max_edits}")
     object.__setattr__(self, "scope", Scope(self.scope))
     object.__setattr__(self, "operations", tuple(Operation(o) for o in self.operations))
 
@@ -310,7 +311,7 @@ class SearchConfig:
   def __post_init__(self):
     object.__setattr__(self, "method", Method(self.method))
     if self.beam_width < 1 or self.shots < 1:
-      raise ValueError("beam_width and shots must be >= 1")
+      raise errors.ConfigError("beam_width and shots must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,8 +354,8 @@ def search(score: ScoreFn, queries: Sequence[str], vocab: Sequence[str], config:
             owners.append(qi)
             paths.append((new, edits + (e,)))
     if config.method == Method.EXHAUSTIVE and len(texts) > config.max_texts:
-      raise ValueError(f"exhaustive search would score {len(texts)} texts in round {round_ + 1} (limit "
-                       f"{config.max_texts}); use --search=greedy or beam, fewer candidates, or smaller k")
+      raise errors.ConfigError(f"exhaustive search would score {len(texts)} texts in round {round_ + 1} (limit "
+                               f"{config.max_texts}); use --search=greedy or beam, fewer candidates, or smaller k")
     if not texts:
       break
     scores = score(texts, owners)
@@ -372,14 +373,13 @@ def search(score: ScoreFn, queries: Sequence[str], vocab: Sequence[str], config:
 
 
 # --------------------------------------------------------------------------- flip rates
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-  """Wilson score interval of a binomial proportion (nan, nan when n = 0)."""
+def wilson(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+  """Wilson score interval of a binomial proportion (`scipy.stats.binomtest(...).proportion_ci`, method
+  "wilson", no continuity correction); (nan, nan) when n = 0."""
   if n == 0:
     return math.nan, math.nan
-  p = successes / n
-  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-  half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-  return max(0.0, centre - half), min(1.0, centre + half)
+  ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+  return float(ci.low), float(ci.high)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,10 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from mirage_jax import errors
+from mirage_jax.data.records import text as _text
+from mirage_jax.eval.safety import STRATIFIED_BOOTSTRAP
+
 log = logging.getLogger("mirage")
 
 _WORD = re.compile(r"[^\W_][\w'\u2019-]*")
@@ -98,7 +102,11 @@ class AuditConfig:
 
   def __post_init__(self):
     if self.max_n < 1 or self.min_count < 1 or (self.prior_scale or 1) <= 0 or self.bootstrap < 0:
-      raise ValueError(f"bad AuditConfig {self}: need max_n >= 1, min_count >= 1, prior_scale > 0, bootstrap >= 0")
+      raise errors.ConfigError(f"bad AuditConfig {self}: need max_n >= 1, min_count >= 1, prior_scale > 0, "
+                               "bootstrap >= 0")
+    bad = [p for p in self.positions if p not in {x.value for x in Position}]
+    if bad:
+      raise errors.ConfigError(f"unknown audit position(s) {bad}; valid: {[x.value for x in Position]}")
     object.__setattr__(self, "positions", tuple(Position(p) for p in self.positions))
 
   def alpha0(self, n: int) -> float:
@@ -163,7 +171,7 @@ class AuditResult:
   def summary(self) -> dict[str, Any]:
     return {"source": self.source, "n_refuse": self.n_refuse, "n_comply": self.n_comply,
             "tested": len(self.rows), "significant_q05": sum(r.q_value < 0.05 for r in self.rows),
-            "alpha0": self.alpha0,
+            "alpha0": self.alpha0, "intervals": {"log_odds": STRATIFIED_BOOTSTRAP},
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.config).items()}}
 
 
@@ -218,17 +226,12 @@ def fisher_two_sided(a: np.ndarray, b: np.ndarray, n_r: int, n_c: int) -> np.nda
 
 
 def benjamini_hochberg(p: Sequence[float] | np.ndarray) -> np.ndarray:
-  """Benjamini-Hochberg adjusted p-values: q_(i) = min_{j >= i} min(1, m p_(j) / j) over the sorted p."""
+  """Benjamini-Hochberg adjusted p-values, q_(i) = min_{j >= i} min(1, m p_(j) / j) over the sorted p
+  (`scipy.stats.false_discovery_control`, method "bh"); an empty input gives an empty array."""
   p = np.asarray(p, np.float64)
-  m = p.size
-  if m == 0:
+  if p.size == 0:
     return p.copy()
-  order = np.argsort(p, kind="stable")
-  scaled = p[order] * m / np.arange(1, m + 1)
-  q_sorted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-  q = np.empty(m, np.float64)
-  q[order] = q_sorted
-  return q
+  return np.asarray(stats.false_discovery_control(p, method="bh"), np.float64)
 
 
 def table_stats(a: np.ndarray, b: np.ndarray, n_r: int, n_c: int, *, prior_scale: float) -> TableStats:
@@ -274,7 +277,7 @@ def audit_instructions(data: Instructions, config: AuditConfig = AuditConfig()) 
   """Count every gram x position per label and compute its statistics; rows sorted by |z| descending."""
   n_r, n_c = data.count(Label.REFUSE), data.count(Label.COMPLY)
   if not n_r or not n_c:
-    raise ValueError(f"{data.source}: the audit needs both labels, got {n_r} refuse and {n_c} comply")
+    raise errors.DataError(f"{data.source}: the audit needs both labels, got {n_r} refuse and {n_c} comply")
   alpha0 = config.alpha0(n_r + n_c)
   counts: dict[tuple[Position, tuple[str, ...]], list[int]] = collections.defaultdict(lambda: [0, 0])
   spellings: dict[tuple[str, ...], collections.Counter] = collections.defaultdict(collections.Counter)
@@ -309,15 +312,11 @@ def audit_instructions(data: Instructions, config: AuditConfig = AuditConfig()) 
 
 
 # --------------------------------------------------------------------------- inputs
-def _text(x: Any) -> str:
-  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
 def _label(value: Any, where: str) -> Label:
   try:
     return Label(_text(value).strip().lower())
   except ValueError:
-    raise ValueError(f"{where}: label must be 'refuse' or 'comply', got {value!r}") from None
+    raise errors.DataError(f"{where}: label must be 'refuse' or 'comply', got {value!r}") from None
 
 
 def _judge_label(response: str, judge) -> Label:
@@ -355,14 +354,14 @@ def read_jsonl(path: pathlib.Path, *, label_source: LabelSource = LabelSource.AU
     try:
       row = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{where}: not JSON ({e.msg})") from None
+      raise errors.DataError(f"{where}: not JSON ({e.msg})") from None
     text = row.get("instruction", row.get("question"))
     if not isinstance(text, str):
-      raise ValueError(f"{where}: needs a string 'instruction' (or 'question')")
+      raise errors.DataError(f"{where}: needs a string 'instruction' (or 'question')")
     use_judge = label_source == LabelSource.JUDGE or (label_source == LabelSource.AUTO and "label" not in row)
     if use_judge:
       if "response" not in row:
-        raise ValueError(f"{where}: needs a 'label' ('refuse'|'comply') or a 'response' to judge")
+        raise errors.DataError(f"{where}: needs a 'label' ('refuse'|'comply') or a 'response' to judge")
       judge = judge or _refusal_judge(refusal_preset)
       labels.append(_judge_label(row["response"], judge))
     else:
@@ -376,7 +375,7 @@ def read_vlguard_json(path: pathlib.Path) -> Instructions:
   comply, `unsafe_instruction` and any instruction on an unsafe image (`safe` = false) are refuse."""
   data = json.loads(path.read_text())
   if not isinstance(data, list) or (data and "instr-resp" not in data[0]):
-    raise ValueError(f"{path}: not VLGuard JSON (a list of records with 'instr-resp')")
+    raise errors.DataError(f"{path}: not VLGuard JSON (a list of records with 'instr-resp')")
   texts, labels = [], []
   for rec in data:
     for turn in rec["instr-resp"]:
@@ -399,9 +398,9 @@ def load_instructions(data_spec: str, *, label_source: LabelSource = LabelSource
       return read_jsonl(path, label_source=label_source, refusal_preset=refusal_preset)
     if path.suffix == ".json":
       return read_vlguard_json(path)
-    raise ValueError(f"{path}: expected a .jsonl (instruction/label rows) or VLGuard .json file")
+    raise errors.DataError(f"{path}: expected a .jsonl (instruction/label rows) or VLGuard .json file")
   if path.suffix in (".jsonl", ".json"):
-    raise FileNotFoundError(f"{path}: no such file")
+    raise errors.MissingFileError(f"{path}: no such file")
   base, _, split = (data_spec, "", "") if path.exists() else data_spec.rpartition(":")
   if not base:
     base, split = data_spec, ""
@@ -416,7 +415,7 @@ def load_instructions(data_spec: str, *, label_source: LabelSource = LabelSource
   available = dataset.splits()
   split = split or next((s for s in ("sft", "train") if s in available), "")
   if not split:
-    raise ValueError(f"{base}: give a split as DIR:SPLIT; available: {sorted(available)}")
+    raise errors.UsageError(f"{base}: give a split as DIR:SPLIT; available: {sorted(available)}")
   source = dataset.source(split)
   fields = ("question", "label", "answer")
   records = ({k: source[i][k] for k in fields} for i in range(len(source)))

@@ -44,13 +44,12 @@ def run(run_dirs: Mapping[str, pathlib.Path], *, configs: Mapping[str, ml_collec
   """Audit the data and attack every model in `config.models` that the demo trained; files go to
   `out_dir`, the returned dict is `report.json["audit"]`."""
   from mirage_jax import configlib
-  from mirage_jax.eval import runner
-  from mirage_jax.train import loop
+  from mirage_jax.train import runtime
   t0 = time.time()
   out_dir.mkdir(parents=True, exist_ok=True)
   names = [m for m in config.models if m in run_dirs]
   first = configs[names[0] if names else next(iter(configs))]
-  setup = loop.setup(first)
+  setup = runtime.setup(first)
   dataset = setup.data.dataset
   train = attack_lib.training_records(dataset)
   data_result = shortcuts.audit_instructions(shortcuts.from_records(train, source="sft split"),
@@ -82,9 +81,9 @@ def run(run_dirs: Mapping[str, pathlib.Path], *, configs: Mapping[str, ml_collec
     cfg = configs[name]
     key = configlib.fingerprint({"model": cfg.model.to_dict(), "data": cfg.data.to_dict(),
                                  "eval": cfg.eval.to_dict()}, drop=())
-    model_setup = setup if not auditors else loop.setup(cfg)
+    model_setup = setup if not auditors else runtime.setup(cfg)
     model = attack_lib.LoadedModel(config=cfg, setup=model_setup, source=str(run_dirs[name]),
-                                   params=runner.checkpoint_params(model_setup, str(run_dirs[name])))
+                                   params=runtime.load_params(model_setup, str(run_dirs[name])))
     auditor = auditors.setdefault(key, attack_lib.ModelAuditor.for_model(model, train))
     result = attack_lib.attack(auditor, model.params, unsafe, goal=Goal.JAILBREAK, vocab=vocab,
                                config=search_config, fixed=fixed)

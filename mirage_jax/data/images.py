@@ -18,8 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mirage_configs.common import CLIP_MEAN, CLIP_STD  # the one definition: the configs' defaults use them too
 
 
 class Aspect(str, enum.Enum):

@@ -19,10 +19,12 @@ import grain
 import jax
 import numpy as np
 
-from mirage_jax import sharding
+from mirage_configs import comma_list
+from mirage_jax import seeds, sharding
 from mirage_jax.data import preprocess, synthetic, tfds_builders
 from mirage_jax.data.tfds_builders import BuiltDataset
 from mirage_jax.data.tokenizer import Tokenizer
+from mirage_jax.errors import ConfigError, DataError
 
 MODEL_KEYS = ("tokens", "mask", "loss_mask", "query_mask", "images")  # + "row": the record's index
 
@@ -35,26 +37,20 @@ class MixtureEntry:
 
 def parse_mixture(spec: str) -> tuple[MixtureEntry, ...]:
   entries = []
-  for part in (p.strip() for p in spec.split(",")):
-    if not part:
-      continue
+  for part in comma_list(spec):
     name, _, w = part.partition(":")
     try:
       weight = float(w) if w else None
     except ValueError:
-      raise ValueError(f"bad mixture entry {part!r} in {spec!r}: weight must be a number") from None
+      raise ConfigError(f"bad mixture entry {part!r} in {spec!r}: weight must be a number") from None
     if weight is not None and weight <= 0:
-      raise ValueError(f"bad mixture entry {part!r} in {spec!r}: weight must be positive")
+      raise ConfigError(f"bad mixture entry {part!r} in {spec!r}: weight must be positive")
     entries.append(MixtureEntry(name.strip(), weight))
   if not entries:
-    raise ValueError(f"empty mixture spec {spec!r}")
+    raise ConfigError(f"empty mixture spec {spec!r}")
   if len({e.weight is None for e in entries}) > 1:
-    raise ValueError(f"mixture {spec!r}: give a weight to every split or to none")
+    raise ConfigError(f"mixture {spec!r}: give a weight to every split or to none")
   return tuple(entries)
-
-
-def _split_seed(seed: int, split: str) -> int:
-  return int(np.random.SeedSequence([seed, *split.encode()]).generate_state(1)[0])
 
 
 class SplitCache:
@@ -97,7 +93,7 @@ class Stream:
   def __init__(self, *, name: str, mixture: str, splits: SplitCache, global_batch: int, seed: int,
                process_index: int = 0, process_count: int = 1):
     if global_batch % process_count:
-      raise ValueError(f"batch size {global_batch} is not divisible by the {process_count} processes")
+      raise ConfigError(f"batch size {global_batch} is not divisible by the {process_count} processes")
     self.name = name
     self.mixture = parse_mixture(mixture)
     datasets, sizes = [], []
@@ -105,8 +101,8 @@ class Stream:
       ds = splits.examples(e.split)
       sizes.append(len(ds))
       if not len(ds):
-        raise ValueError(f"stream {name!r}: split {e.split!r} is empty")
-      datasets.append(ds.shuffle(seed=_split_seed(seed, e.split)).repeat(None))
+        raise DataError(f"stream {name!r}: split {e.split!r} is empty")
+      datasets.append(ds.shuffle(seed=seeds.derive(seed, e.split)).repeat(None))
     weights = [e.weight if e.weight is not None else float(n) for e, n in zip(self.mixture, sizes)]
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
     if process_count > 1:
@@ -175,6 +171,13 @@ def open_data(data: Mapping[str, Any]) -> Data:
     world = synthetic.WorldConfig.from_dict(dict(data["world"]))
     dataset = tfds_builders.build_synth(world, data.get("data_dir") or None)
   else:
-    raise ValueError(f"data.name={data['name']!r}: set data.path to a built dataset directory "
+    raise ConfigError(f"data.name={data['name']!r}: set data.path to a built dataset directory "
                      f"(only {tfds_builders.SYNTH_NAME!r} is built automatically)")
   return Data(dataset=dataset, tokenizer=Tokenizer.load(dataset.tokenizer_dir))
+
+
+def split_digest(data: Mapping[str, Any], split: str) -> str:
+  """The digest the build recorded for `split` of the dataset `data` (a config's `data` block) names, built on
+  first use: sha256 of the world's vocabulary and the split's questions, answers and image bytes
+  (`tfds_builders.split_digest`). Equal `pretrain` digests mean an identical base model would be trained."""
+  return open_data(data).dataset.split_digest(split)

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from mirage_jax.data import images
+from mirage_jax.data.records import text as _text
 from mirage_jax.data.tokenizer import IMAGE, Tokenizer
-from mirage_jax.errors import DataError
+from mirage_jax.errors import ConfigError, DataError
 
 
 # LLaVA-1.5's `llava_v1` conversation template (the official safety evaluation's; training used `vicuna_v1`,
@@ -55,9 +56,10 @@ class TextFormat:
 
   def __post_init__(self):
     if IMAGE not in self.prompt_template or "{question}" not in self.prompt_template:
-      raise ValueError(f"data.prompt_template must contain {IMAGE!r} and '{{question}}', got "
+      raise ConfigError(f"data.prompt_template must contain {IMAGE!r} and '{{question}}', got "
                        f"{self.prompt_template!r}")
-    Overflow(self.overflow)
+    if self.overflow not in {o.value for o in Overflow}:
+      raise ConfigError(f"data.overflow={self.overflow!r}: valid values: {', '.join(repr(o.value) for o in Overflow)}")
 
   @classmethod
   def from_config(cls, data: Mapping[str, Any], *, num_image_tokens: int) -> "TextFormat":
@@ -72,11 +74,7 @@ def check_template(tok: Tokenizer, fmt: TextFormat) -> None:
   probe = fmt.prompt_template.replace("{question}", "")
   if unk is not None and unk in tok.encode(probe):
     words = [w for w in probe.split() if tok.tok.token_to_id(w) is None and w != IMAGE]
-    raise ValueError(f"data.prompt_template {fmt.prompt_template!r}: the tokenizer does not know {words}")
-
-
-def _text(x: Any) -> str:
-  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+    raise ConfigError(f"data.prompt_template {fmt.prompt_template!r}: the tokenizer does not know {words}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +94,7 @@ def encode_prompt(question: str, tok: Tokenizer, fmt: TextFormat) -> Prompt:
   images = [i for i, t in enumerate(ids) if t == tok.image_id]
   in_question = [i for i in images if q0 <= offsets[i][0] < q1]
   if len(images) != 1 or in_question:
-    raise ValueError(f"the prompt must contain exactly one {IMAGE} token (in the template, not the question), "
+    raise DataError(f"the prompt must contain exactly one {IMAGE} token (in the template, not the question), "
                      f"found {len(images)}: {question!r}")
   inside = [i for i, (start, end) in enumerate(offsets) if start < q1 and end > q0 and ids[i] != tok.image_id]
   if inside:

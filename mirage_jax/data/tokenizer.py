@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from mirage_jax.errors import DataError, MissingFileError
+
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIALS = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4 in the word-level tokenizer
 ROLE_WORDS = ("USER:", "ASSISTANT:")  # the conversation template's role markers
@@ -92,23 +94,23 @@ class Tokenizer:
     """
     directory = pathlib.Path(directory)
     if not directory.is_dir():
-      raise FileNotFoundError(f"tokenizer directory {directory} not found")
+      raise MissingFileError(f"tokenizer directory {directory} not found")
     from transformers import AutoTokenizer  # imported lazily: slow, and only needed here
     try:
       hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as e:
-      raise ValueError(f"cannot load a transformers tokenizer from {directory}: {e}") from None
+      raise DataError(f"cannot load a transformers tokenizer from {directory}: {e}") from None
     backend = getattr(hf, "backend_tokenizer", None)
     if not isinstance(backend, tokenizers.Tokenizer):
-      raise ValueError(f"the tokenizer in {directory} ({type(hf).__name__}) has no `tokenizers` backend")
+      raise DataError(f"the tokenizer in {directory} ({type(hf).__name__}) has no `tokenizers` backend")
     image_id = backend.token_to_id(image_token)
     if image_id is None:
-      raise ValueError(f"tokenizer in {directory} has no {image_token!r} token (LLaVA tokenizers add it)")
+      raise DataError(f"tokenizer in {directory} has no {image_token!r} token (LLaVA tokenizers add it)")
     pad_id = hf.pad_token_id if hf.pad_token_id is not None else hf.unk_token_id
     ids = {"pad_id": pad_id, "bos_id": hf.bos_token_id, "eos_id": hf.eos_token_id}
     missing = [k for k, v in ids.items() if v is None]
     if missing:
-      raise ValueError(f"tokenizer in {directory} lacks special tokens for {missing}")
+      raise DataError(f"tokenizer in {directory} lacks special tokens for {missing}")
     backend = tokenizers.Tokenizer.from_str(backend.to_str())  # our own copy, never padding or truncating
     backend.no_padding()
     backend.no_truncation()
@@ -119,7 +121,7 @@ class Tokenizer:
     directory = pathlib.Path(directory)
     path = directory / "tokenizer.json"
     if not path.exists():
-      raise FileNotFoundError(f"no tokenizer.json in {directory}")
+      raise MissingFileError(f"no tokenizer.json in {directory}")
     tok = tokenizers.Tokenizer.from_file(str(path))
     meta = json.loads((directory / _META).read_text()) if (directory / _META).exists() else {}
     names = {"pad_id": meta.get("pad", PAD), "bos_id": meta.get("bos", BOS), "eos_id": meta.get("eos", EOS),
@@ -128,7 +130,7 @@ class Tokenizer:
     for field, token in names.items():
       tid = tok.token_to_id(token)
       if tid is None:
-        raise ValueError(f"tokenizer in {directory} has no {token!r} token (needed as {field})")
+        raise DataError(f"tokenizer in {directory} has no {token!r} token (needed as {field})")
       ids[field] = tid
     return cls(tok=tok, **ids)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mirage_jax.errors import DataError  # noqa: F401  (re-exported: validate.DataError)
+from mirage_jax.errors import DataError, MissingFileError  # noqa: F401  (re-exported: validate.DataError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ def read_json(path: str | os.PathLike) -> Any:
   """A whole JSON document; a syntax error names the file, line and column."""
   path = pathlib.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found")
+    raise MissingFileError(f"{path} not found")
   try:
     return json.loads(path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
@@ -85,7 +85,7 @@ def read_jsonl(path: str | os.PathLike, report: Report) -> Iterator[tuple[int, d
   """(line number, object) per non-empty line; malformed lines and non-objects are reported problems."""
   path = pathlib.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found")
+    raise MissingFileError(f"{path} not found")
   with open(path, encoding="utf-8", errors="replace") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():

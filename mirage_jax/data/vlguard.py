@@ -20,7 +20,8 @@ Splits (only those the inputs allow are written; records use `tfds_builders.reco
                record, `group` = tuple index, `shot` = 0..K-1 (checked: a tuple shares one image)
   safe_share   `test_share_1shot.json`: the "Share" rewrite of each safe instruction (`group` = index, shot 0)
   forget       (`harmful_responses` given) every unsafe train image with its instruction and the harmful
-               response the JSON maps its image to (`reference/paper.md` §3.3), label "comply"
+               response the JSON maps its image to, as in the official code (OPTML-Group/VLM-Safety-Unlearn);
+               label "comply"
   retain       the safe-instruction turn of every safe train image; with `retain_size` > 0 subsampled or
                padded to that size from a LLaVA-format instruction file (`retain_extra`, first turn of each
                sampled conversation), seeded by `retain_seed` and shuffled
@@ -69,6 +70,7 @@ from mirage_jax.data import images as images_lib
 from mirage_jax.data import tfds_builders, validate
 from mirage_jax.data.vlguard_records import IMAGE_TOKEN, Entry, Turn, first_word, parse_entry, read_records
 from mirage_jax.data.tokenizer import Tokenizer
+from mirage_jax.errors import MissingFileError
 
 NAME = "vlguard"
 VERSION = "1.0.0"
@@ -108,7 +110,7 @@ class VLGuardConfig:
     """Absolute paths; the attack files found in `manual_dir` when not given."""
     manual = pathlib.Path(self.manual_dir).absolute()
     if not manual.is_dir():
-      raise FileNotFoundError(f"VLGuard manual_dir {manual} not found (it must hold train.json, test.json and "
+      raise MissingFileError(f"VLGuard manual_dir {manual} not found (it must hold train.json, test.json and "
                               "the images)")
     def find(given: str, default: str) -> str:
       if given:
@@ -207,7 +209,7 @@ class Sources:
     for root in roots:
       if (root / path).is_file():
         return root / path
-    raise FileNotFoundError(f"image {path!r} not found under {', '.join(str(r) for r in roots)}")
+    raise MissingFileError(f"image {path!r} not found under {', '.join(str(r) for r in roots)}")
 
   def _image_ok(self, part: str, path: str, where: str, report: validate.Report, raw: Any) -> bool:
     """Whether the image exists and decodes (each file decoded once); else a problem for this record."""
@@ -549,7 +551,7 @@ def config_from_args(args: argparse.Namespace) -> VLGuardConfig:
   if args.model:
     cfg_path = pathlib.Path(args.model) / "config.json"
     if not cfg_path.exists():
-      raise FileNotFoundError(f"{cfg_path} not found: --model must be a directory from `mirage convert hf-to-jax`")
+      raise MissingFileError(f"{cfg_path} not found: --model must be a directory from `mirage convert hf-to-jax`")
     run = json.loads(cfg_path.read_text())
     size = size or int(run["model"]["vision"]["image_size"])
     mean = tuple(run["data"]["image_mean"])

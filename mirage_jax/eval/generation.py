@@ -15,16 +15,8 @@ import numpy as np
 from mirage_jax import sharding
 from mirage_jax.data import preprocess
 from mirage_jax.data.pipeline import to_global
+from mirage_jax.data.records import decode_record, load_records  # noqa: F401  (re-exported here)
 from mirage_jax.models import decode
-
-
-def decode_record(rec: Mapping[str, Any]) -> dict[str, Any]:
-  """A TFDS record with bytes fields turned into str."""
-  return {k: (v.decode("utf-8") if isinstance(v, bytes) else v) for k, v in rec.items()}
-
-
-def load_records(source) -> list[dict[str, Any]]:
-  return [decode_record(source[i]) for i in range(len(source))]
 
 
 class Generator:

@@ -12,28 +12,16 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
+from mirage_configs import comma_list
 from mirage_jax import configlib
 from mirage_jax.data import pipeline
-from mirage_jax.eval import generation, judges, safety, scoring
-from mirage_jax.train import checkpoint, loop
+from mirage_jax.eval import generation, judges, safety
+from mirage_jax.train import runtime, scoring
 
 log = logging.getLogger("mirage")
 
 
-def run_config(*, workdir: str | None, checkpoint_dir: str | None) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`config.json` of the workdir, or the checkpoint's `meta`)."""
-  if workdir:
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-      raise FileNotFoundError(f"{path} not found: is {workdir} a training run directory?")
-    return configlib.from_json(path.read_text())
-  meta = pathlib.Path(checkpoint_dir) / "meta" / "metadata"
-  if not meta.exists():
-    raise FileNotFoundError(f"no meta/metadata in checkpoint {checkpoint_dir}")
-  return configlib.from_json(json.dumps(json.loads(meta.read_text())["config"]))
-
-
-def make_judge(setup: loop.Setup, config: ml_collections.ConfigDict) -> judges.Judge:
+def make_judge(setup: runtime.Setup, config: ml_collections.ConfigDict) -> judges.Judge:
   codes = setup.data.dataset.world_info.get("harmful_codes", [])
   return judges.RuleJudge(refusal=judges.RefusalJudge(config.eval.refusal_preset),
                           harm=judges.HarmJudge(codes, min_codes=config.eval.harm_min_codes,
@@ -44,9 +32,9 @@ class SafetyEvaluator:
   """Generation + judging on every test split present in the dataset; built once, reused across models of
   the same architecture (the demo evaluates seven models with one compiled decoder)."""
 
-  def __init__(self, setup: loop.Setup, config: ml_collections.ConfigDict):
+  def __init__(self, setup: runtime.Setup, config: ml_collections.ConfigDict):
     available = set(setup.data.dataset.splits())
-    splits = [s.strip() for s in config.eval.test_splits.split(",") if s.strip() in available]
+    splits = [s for s in comma_list(config.eval.test_splits) if s in available]
     self.records = {s: generation.load_records(setup.data.dataset.source(s)) for s in splits}
     self.k_attack = config.eval.k_attack
     self.judge = make_judge(setup, config)
@@ -74,7 +62,7 @@ class SafetyEvaluator:
     return safety.safety_metrics(judged, k_attack=self.k_attack) if judged else {}
 
 
-def teacher_forced_eval(setup: loop.Setup, params, config: ml_collections.ConfigDict, splits: Sequence[str]):
+def teacher_forced_eval(setup: runtime.Setup, params, config: ml_collections.ConfigDict, splits: Sequence[str]):
   cache = pipeline.SplitCache(setup.data.dataset, setup.data.tokenizer, setup.fmt, cache=config.data.cache)
   score_step = scoring.make_score_step(setup.spec)
   return {split: scoring.score_batches(score_step, params,
@@ -86,11 +74,11 @@ def teacher_forced_eval(setup: loop.Setup, params, config: ml_collections.Config
 def evaluate_run(*, workdir: str | None = None, checkpoint: str | None = None, config_spec: str | None = None,
                  overrides: Sequence[str] = (), splits: str = "", out: str = "") -> dict:
   config = (configlib.load(config_spec) if config_spec else
-            run_config(workdir=workdir, checkpoint_dir=checkpoint))
+            runtime.run_config(workdir or checkpoint))
   config = configlib.apply_overrides(config, overrides)
-  setup = loop.setup(config)
+  setup = runtime.setup(config)
   source = workdir or checkpoint
-  params = checkpoint_params(setup, source)
+  params = runtime.load_params(setup, source)
   if out:
     out_dir = pathlib.Path(out)
   elif workdir:
@@ -102,14 +90,10 @@ def evaluate_run(*, workdir: str | None = None, checkpoint: str | None = None, c
   t = time.time()
   evaluator = SafetyEvaluator(setup, config)
   results = {"source": str(source), **evaluator(params, responses_path=out_dir / "responses.jsonl")}
-  names = [s.strip() for s in (splits or config.eval.splits).split(",") if s.strip()]
+  names = comma_list(splits or config.eval.splits)
   results["teacher_forced"] = teacher_forced_eval(setup, params, config, names)
   results["eval_s"] = time.time() - t
   if jax.process_index() == 0:
     (out_dir / "eval.json").write_text(json.dumps(results, indent=1, sort_keys=True))
   return results
 
-
-def checkpoint_params(setup: loop.Setup, path: str):
-  return checkpoint.restore_params(path, setup.spec.abstract_params(),
-                                   tokenizer=setup.data.tokenizer.fingerprint())

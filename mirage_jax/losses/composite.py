@@ -11,26 +11,36 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from mirage_jax.errors import ConfigError
 from mirage_jax.losses import logprob
+from mirage_jax.losses.base import Loss
 
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class Weights:
-  alpha: float  # method retain term
-  ft_weight: float  # CE on retain (l_ft)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Unlearning(Loss):
+  """Base of the unlearning losses: the composite's weights (defined here only) and its two streams."""
 
-  @classmethod
-  def from_config(cls, config: Mapping) -> "Weights":
-    alpha, ft = float(config.get("alpha", 1.0)), float(config.get("ft_weight", 1.0))
-    if alpha < 0 or ft < 0:
-      raise ValueError(f"loss.alpha={alpha} and loss.ft_weight={ft} must be >= 0")
-    return cls(alpha=alpha, ft_weight=ft)
+  streams: ClassVar[tuple[str, ...]] = ("forget", "retain")
+
+  alpha: float = 1.0  # method retain term
+  ft_weight: float = 1.0  # CE on retain (l_ft)
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.alpha < 0 or self.ft_weight < 0:
+      raise ConfigError(f"loss.alpha={self.alpha} and loss.ft_weight={self.ft_weight} must be >= 0")
+
+  def compose(self, forget: Array, retain: Array, ft: Array, **extra: Array) -> tuple[Array, dict]:
+    """(forget + alpha * retain + ft_weight * ft, the terms and `extra` as metrics)."""
+    loss = forget + self.alpha * retain + self.ft_weight * ft
+    return loss, {"forget": forget, "retain": retain, "ft": ft, **extra}
 
 
 @dataclasses.dataclass
@@ -59,8 +69,3 @@ def score(model, batch: Mapping[str, Array], *, target: str = "answer", impl: st
   out = model(batch, collect=collect)
   return Scored(logprob.token_logprob(out.hidden_btd, model.head_weight(), labels, impl=impl), labels,
                 out.layers, out.hidden_btd)
-
-
-def compose(forget: Array, retain: Array, ft: Array, weights: Weights, **extra: Array) -> tuple[Array, dict]:
-  loss = forget + weights.alpha * retain + weights.ft_weight * ft
-  return loss, {"forget": forget, "retain": retain, "ft": ft, **extra}

@@ -6,20 +6,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from typing import ClassVar
 
-from mirage_jax.losses import composite, logprob
+from mirage_jax.losses import composite
 
 
-class GradDiff:
-  streams = ("forget", "retain")
-  needs_reference = False
-
-  def __init__(self, config: Mapping):
-    self.weights = composite.Weights.from_config(config)
-    self.impl = config.get("logprob_impl", logprob.DEFAULT_IMPL)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GradDiff(composite.Unlearning):
+  name: ClassVar[str] = "graddiff"
 
   def __call__(self, model, *, batches, reference=None, extras=None):
-    forget_nll = composite.score(model, batches["forget"], impl=self.impl).token_mean_nll()
-    nll = composite.score(model, batches["retain"], impl=self.impl).token_mean_nll()
-    return composite.compose(-forget_nll, nll, nll, self.weights, forget_nll=forget_nll)
+    forget_nll = composite.score(model, batches["forget"], impl=self.logprob_impl).token_mean_nll()
+    nll = composite.score(model, batches["retain"], impl=self.logprob_impl).token_mean_nll()
+    return self.compose(-forget_nll, nll, nll, forget_nll=forget_nll)

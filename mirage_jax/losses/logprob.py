@@ -24,10 +24,12 @@ import jax.numpy as jnp
 
 import mirage_kernels
 from mirage_jax import sharding
+from mirage_jax.errors import ConfigError
+from mirage_kernels.token_logprob.reference import label_logprob
 
 Array = jax.Array
-KERNEL_IMPLEMENTATIONS = ("chunked_xla", "pallas_tpu")
-IMPLEMENTATIONS = ("reference", "auto", *KERNEL_IMPLEMENTATIONS)
+# The kernel package's registry (reference + its kernels) is the source; this module only adds `auto`.
+IMPLEMENTATIONS = ("auto", *mirage_kernels.token_logprob.IMPLEMENTATIONS)
 DEFAULT_IMPL = "auto"
 AUTO_MIN_LOGITS_BYTES = 64 * 2**20
 
@@ -38,12 +40,17 @@ def next_token_labels(tokens_bt: Array, loss_mask_bt: Array) -> Array:
   return jnp.pad(labels, ((0, 0), (0, 1)), constant_values=-1).astype(jnp.int32)
 
 
+def check_impl(impl: str) -> None:
+  """A ConfigError unless `impl` names an implementation (`auto` or one of `mirage_kernels`')."""
+  if impl not in IMPLEMENTATIONS:
+    raise ConfigError(f"unknown loss.logprob_impl {impl!r}; valid: {IMPLEMENTATIONS}")
+
+
 def reference_token_logprob(hidden_btd: Array, w_dv: Array, labels_bt: Array) -> Array:
+  """The oracle path: float32 logits [B, T, V] (XLA differentiates them), then the one gather."""
   logits = jnp.einsum("btd,dv->btv", hidden_btd, w_dv.astype(hidden_btd.dtype),
                       preferred_element_type=jnp.float32)
-  logp_btv = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(logp_btv, jnp.maximum(labels_bt, 0)[..., None], axis=-1)[..., 0]
-  return jnp.where(labels_bt >= 0, picked, 0.0)
+  return label_logprob(logits, labels_bt)
 
 
 def kernel_layout(hidden_btd: Array, w_dv: Array) -> mirage_kernels.Layout | None:
@@ -70,15 +77,19 @@ def _logits_bytes_per_device(hidden_btd: Array, w_dv: Array, layout: mirage_kern
 
 def token_logprob(hidden_btd: Array, w_dv: Array, labels_bt: Array, *, impl: str = "reference") -> Array:
   """float32 [B, T]: log-softmax value of each label; 0 where label < 0."""
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown loss.logprob_impl {impl!r}; valid: {IMPLEMENTATIONS}")
+  check_impl(impl)
   layout = None if impl == "reference" else kernel_layout(hidden_btd, w_dv)
   if impl == "auto" and _logits_bytes_per_device(hidden_btd, w_dv, layout) < AUTO_MIN_LOGITS_BYTES:
     impl = "reference"
   if impl == "reference":
     return reference_token_logprob(hidden_btd, w_dv, labels_bt)
-  return mirage_kernels.token_logprob(hidden_btd, w_dv, labels_bt, implementation=None if impl == "auto" else impl,
-                                      layout=layout)
+  try:
+    return mirage_kernels.token_logprob(hidden_btd, w_dv, labels_bt,
+                                        implementation=None if impl == "auto" else impl, layout=layout)
+  except mirage_kernels.UnsupportedError as e:
+    if impl == "auto":
+      raise
+    raise ConfigError(f"loss.logprob_impl={impl!r} cannot run here: {e}") from None
 
 
 def sequence_logprob(logp_bt: Array, labels_bt: Array) -> tuple[Array, Array]:

@@ -15,24 +15,34 @@ from every step when the retain term is `nll`.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from collections.abc import Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from mirage_jax.errors import ConfigError
 from mirage_jax.losses import composite, logprob
+from mirage_jax.losses.base import ReferenceCache
 
 Array = jax.Array
-NORMALIZE = ("sum", "mean_token")
-FORGET_INPUT = ("answer", "query")
-RETAIN = ("nll", "kl")
 
 
-def _choice(config: Mapping, key: str, valid: tuple[str, ...], default: str) -> str:
-  value = config.get(key, default)
-  if value not in valid:
-    raise ValueError(f"loss.{key}={value!r}; valid: {valid}")
-  return value
+class Normalize(enum.StrEnum):
+  SUM = "sum"
+  MEAN_TOKEN = "mean_token"
+
+
+class ForgetInput(enum.StrEnum):
+  ANSWER = "answer"
+  QUERY = "query"
+
+
+class Retain(enum.StrEnum):
+  NLL = "nll"
+  KL = "kl"
 
 
 def npo_forget(logp: Array, ref_logp: Array, n_tokens: Array, *, beta: float, normalize: str) -> tuple[Array, Array]:
@@ -44,46 +54,50 @@ def npo_forget(logp: Array, ref_logp: Array, n_tokens: Array, *, beta: float, no
   return -(2.0 / beta) * jax.nn.log_sigmoid(-beta * d), d
 
 
-class NPO:
-  streams = ("forget", "retain")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NPO(composite.Unlearning):
+  name: ClassVar[str] = "npo"
 
-  def __init__(self, config: Mapping):
-    self.beta = float(config.get("beta", 0.5))
+  beta: float = 0.5
+  normalize: Normalize = Normalize.SUM
+  forget_input: ForgetInput = ForgetInput.ANSWER
+  retain: Retain = Retain.NLL
+  reference_cache: bool = False  # precompute the reference's forget log-probs once (see `cache`)
+
+  def __post_init__(self):
+    super().__post_init__()
     if self.beta <= 0:
-      raise ValueError(f"loss.beta={self.beta} must be > 0")
-    self.normalize = _choice(config, "normalize", NORMALIZE, "sum")
-    self.forget_input = _choice(config, "forget_input", FORGET_INPUT, "answer")
-    self.retain = _choice(config, "retain", RETAIN, "nll")
-    self.reference_cache = bool(config.get("reference_cache", False))
-    self.weights = composite.Weights.from_config(config)
-    self.impl = config.get("logprob_impl", logprob.DEFAULT_IMPL)
+      raise ConfigError(f"loss.beta={self.beta} must be > 0")
 
   @property
   def needs_reference(self) -> bool:
-    return not self.reference_cache or self.retain == "kl"
+    return not self.reference_cache or self.retain == Retain.KL
+
+  @property
+  def cache(self) -> ReferenceCache | None:
+    return ReferenceCache(stream="forget", keys=("ref_logp", "n_tokens")) if self.reference_cache else None
 
   def precompute(self, reference, batch: Mapping[str, Array]) -> dict[str, Array]:
     """Per-sequence reference values of a forget batch (the `reference_cache`)."""
-    logp, n = composite.score(reference, batch, target=self.forget_input, impl=self.impl).sequence_logprob()
+    logp, n = composite.score(reference, batch, target=self.forget_input, impl=self.logprob_impl).sequence_logprob()
     return {"ref_logp": logp, "n_tokens": n}
 
   def __call__(self, model, *, batches, reference=None, extras=None):
     forget_batch, retain_batch = batches["forget"], batches["retain"]
-    pol = composite.score(model, forget_batch, target=self.forget_input, impl=self.impl)
+    pol = composite.score(model, forget_batch, target=self.forget_input, impl=self.logprob_impl)
     logp, n = pol.sequence_logprob()
     if self.reference_cache:
-      ref_logp = extras["cache/forget/ref_logp"][forget_batch["row"]]
+      ref_logp = extras[self.cache.key("ref_logp")][forget_batch["row"]]
     else:
       ref_logp = jax.lax.stop_gradient(self.precompute(reference, forget_batch)["ref_logp"])
     forget, d = npo_forget(logp, ref_logp, n, beta=self.beta, normalize=self.normalize)
 
-    ret = composite.score(model, retain_batch, impl=self.impl)
+    ret = composite.score(model, retain_batch, impl=self.logprob_impl)
     nll = ret.token_mean_nll()
-    if self.retain == "kl":
+    if self.retain == Retain.KL:
       ref_hidden = jax.lax.stop_gradient(reference(retain_batch).hidden_btd)
       retain = logprob.token_kl(ret.hidden_btd, model.head_weight(), ref_hidden,
                                 jax.lax.stop_gradient(reference.head_weight()), ret.labels_bt)
     else:
       retain = nll
-    return composite.compose(forget, retain, nll, self.weights, logratio=d, forget_nll=-jnp.sum(logp) /
-                             jnp.maximum(jnp.sum(n), 1.0))
+    return self.compose(forget, retain, nll, logratio=d, forget_nll=-jnp.sum(logp) / jnp.maximum(jnp.sum(n), 1.0))

@@ -3,7 +3,8 @@
   forget = mean over masked forget tokens of ||h_l(x_f) - c * u||^2 / D
   retain = mean over masked retain tokens of ||h_l(x_r) - h_l^frozen(x_r)||^2 / D
 
-h_l is the residual stream after decoder block `layer` (0-based); u is a seeded random unit vector in the
+h_l is the residual stream after decoder block `layer` (0-based), which alone also decides the trained decoder
+layers: l-2..l (clipped at 0; `decoder_layers`, the official default); u is a seeded random unit vector in the
 positive orthant (uniform [0, 1) then normalised, as in the official code) created once and saved in the
 checkpoint (`extras["control"]`, so a resumed run steers toward the same direction); D is the width, the
 official `F.mse_loss` normalisation. The forget pass stops after block `layer`; the frozen model only runs
@@ -20,15 +21,29 @@ up to it too.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from collections.abc import Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from mirage_jax import seeds
+from mirage_jax.errors import ConfigError
 from mirage_jax.losses import composite, logprob
 
 Array = jax.Array
-MASKS = ("answer", "image_answer", "text", "all")
+
+
+class Mask(enum.StrEnum):
+  ANSWER = "answer"
+  IMAGE_ANSWER = "image_answer"
+  TEXT = "text"
+  ALL = "all"
+
+
+MASKS = tuple(m.value for m in Mask)
 
 
 def position_mask(batch: Mapping[str, Array], kind: str, image_token_id: int) -> Array:
@@ -53,35 +68,38 @@ def control_vector(key: Array, width: int, steering: float) -> Array:
   return steering * u / jnp.linalg.norm(u)
 
 
-class RMU:
-  streams = ("forget", "retain")
-  needs_reference = True
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RMU(composite.Unlearning):
+  name: ClassVar[str] = "rmu"
 
-  def __init__(self, config: Mapping):
-    self.layer = int(config["layer"])
-    self.steering = float(config.get("steering", 10.0))
-    self.mask = config.get("mask", "answer")
-    if self.mask not in MASKS:
-      raise ValueError(f"loss.mask={self.mask!r}; valid: {MASKS}")
-    self.weights = composite.Weights.from_config(config)
-    self.impl = config.get("logprob_impl", logprob.DEFAULT_IMPL)
+  layer: int  # the steered decoder block (0-based); trains blocks layer-2..layer
+  steering: float = 10.0
+  mask: Mask = Mask.ANSWER
+
+  @property
+  def needs_reference(self) -> bool:
+    return True
+
+  @property
+  def decoder_layers(self) -> tuple[int, ...]:
+    """The trained decoder layers: l-2..l, clipped at 0 (the official default)."""
+    return tuple(range(max(self.layer - 2, 0), self.layer + 1))
 
   def validate(self, model_config) -> None:
     depth = model_config.text.depth
     if not 0 <= self.layer < depth:
-      raise ValueError(f"loss.layer={self.layer} out of range: the decoder has {depth} layers (0-based)")
+      raise ConfigError(f"loss.layer={self.layer} out of range: the decoder has {depth} layers (0-based)")
 
   def init_extras(self, spec, seed: int) -> dict[str, Array]:
-    key = jax.random.fold_in(jax.random.key(seed), 0x524D55)  # "RMU"
-    return {"control": control_vector(key, spec.config.text.width, self.steering)}
+    return {"control": control_vector(seeds.key(seed, seeds.RMU_CONTROL), spec.config.text.width, self.steering)}
 
   def __call__(self, model, *, batches, reference=None, extras=None):
     forget_batch, retain_batch = batches["forget"], batches["retain"]
     image_id = model.cfg.image_token_id
     h_f = model(forget_batch, stop_after=self.layer).layers[self.layer]
     forget = masked_mse(h_f, extras["control"], position_mask(forget_batch, self.mask, image_id))
-    ret = composite.score(model, retain_batch, impl=self.impl, collect=(self.layer,))
+    ret = composite.score(model, retain_batch, impl=self.logprob_impl, collect=(self.layer,))
     h_ref = jax.lax.stop_gradient(reference(retain_batch, stop_after=self.layer).layers[self.layer])
     retain = masked_mse(ret.layers[self.layer], h_ref, position_mask(retain_batch, self.mask, image_id))
     norm = jnp.sqrt(jnp.sum(jnp.square(h_f.astype(jnp.float32)), -1)).mean()
-    return composite.compose(forget, retain, ret.token_mean_nll(), self.weights, forget_act_norm=norm)
+    return self.compose(forget, retain, ret.token_mean_nll(), forget_act_norm=norm)

@@ -5,40 +5,30 @@ Used for the base model, mixed and post-hoc safety SFT, and as the `l_ft` retain
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 
-from mirage_jax.losses import logprob
+from mirage_jax.losses import base, composite
 
 Array = jax.Array
 
 
-def answer_logprob(model, batch: Mapping[str, Array], *, impl: str) -> tuple[Array, Array]:
-  """Token log-probs [B, T] of the answer tokens under `model`, and their labels (-1 = not scored)."""
-  labels = logprob.next_token_labels(batch["tokens"], batch["loss_mask"])
-  out = model(batch)
-  return logprob.token_logprob(out.hidden_btd, model.head_weight(), labels, impl=impl), labels
-
-
 def nll(model, batch: Mapping[str, Array], *, impl: str) -> Array:
-  """Token-mean NLL over the whole batch (the HF causal-LM loss)."""
-  logp, labels = answer_logprob(model, batch, impl=impl)
-  n = jnp.maximum(jnp.sum(labels >= 0), 1)
-  return -jnp.sum(logp) / n
+  """Token-mean NLL of the answer tokens over the whole batch (the HF causal-LM loss)."""
+  return composite.score(model, batch, impl=impl).token_mean_nll()
 
 
-class SFT:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFT(base.Loss):
   """Cross-entropy on the `train` stream."""
 
-  streams = ("train",)
-  needs_reference = False
-
-  def __init__(self, config: Mapping):
-    self.impl = config.get("logprob_impl", logprob.DEFAULT_IMPL)
+  name: ClassVar[str] = "sft"
+  streams: ClassVar[tuple[str, ...]] = ("train",)
 
   def __call__(self, model, *, batches: Mapping[str, Mapping[str, Array]], reference=None, extras=None):
     del reference, extras
-    loss = nll(model, batches["train"], impl=self.impl)
+    loss = nll(model, batches["train"], impl=self.logprob_impl)
     return loss, {"nll": loss}

@@ -6,29 +6,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from mirage_jax.losses import composite, logprob
+from mirage_jax.errors import ConfigError
+from mirage_jax.losses import composite
 
 
-class SimNPO:
-  streams = ("forget", "retain")
-  needs_reference = False
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SimNPO(composite.Unlearning):
+  name: ClassVar[str] = "simnpo"
 
-  def __init__(self, config: Mapping):
-    self.beta = float(config.get("beta", 2.5))
-    self.gamma = float(config.get("gamma", 0.0))
+  beta: float = 2.5
+  gamma: float = 0.0
+
+  def __post_init__(self):
+    super().__post_init__()
     if self.beta <= 0:
-      raise ValueError(f"loss.beta={self.beta} must be > 0")
-    self.weights = composite.Weights.from_config(config)
-    self.impl = config.get("logprob_impl", logprob.DEFAULT_IMPL)
+      raise ConfigError(f"loss.beta={self.beta} must be > 0")
 
   def __call__(self, model, *, batches, reference=None, extras=None):
-    logp, n = composite.score(model, batches["forget"], impl=self.impl).sequence_logprob()
+    logp, n = composite.score(model, batches["forget"], impl=self.logprob_impl).sequence_logprob()
     mean_logp = logp / jnp.maximum(n, 1.0)
     forget = jnp.mean(-(2.0 / self.beta) * jax.nn.log_sigmoid(-self.beta * mean_logp - self.gamma))
-    nll = composite.score(model, batches["retain"], impl=self.impl).token_mean_nll()
-    return composite.compose(forget, nll, nll, self.weights, forget_mean_logp=jnp.mean(mean_logp))
+    nll = composite.score(model, batches["retain"], impl=self.logprob_impl).token_mean_nll()
+    return self.compose(forget, nll, nll, forget_mean_logp=jnp.mean(mean_logp))

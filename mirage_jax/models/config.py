@@ -7,6 +7,8 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
+from mirage_jax.errors import ConfigError
+
 
 class Remat(str, enum.Enum):
   """Rematerialisation policy applied to each transformer block."""
@@ -28,7 +30,7 @@ def _build(cls, d: Mapping[str, Any]):
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - names)
   if unknown:
-    raise ValueError(f"{cls.__name__}: unknown keys {unknown}; valid keys: {sorted(names)}")
+    raise ConfigError(f"{cls.__name__}: unknown keys {unknown}; valid keys: {sorted(names)}")
   return cls(**dict(d))
 
 
@@ -48,11 +50,11 @@ class VisionConfig:
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
-      raise ValueError(f"vision.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+      raise ConfigError(f"vision.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
     if self.width % self.num_heads:
-      raise ValueError(f"vision.width={self.width} is not a multiple of num_heads={self.num_heads}")
+      raise ConfigError(f"vision.width={self.width} is not a multiple of num_heads={self.num_heads}")
     if not -(self.depth + 1) <= self.feature_layer <= self.depth:
-      raise ValueError(f"vision.feature_layer={self.feature_layer} out of range for depth {self.depth}")
+      raise ConfigError(f"vision.feature_layer={self.feature_layer} out of range for depth {self.depth}")
     SelectStrategy(self.select_strategy)
 
   @property
@@ -85,7 +87,7 @@ class TextConfig:
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"text.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+      raise ConfigError(f"text.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,7 @@ class VLMConfig:
   def __post_init__(self):
     Remat(self.remat)
     if not 0 <= self.image_token_id < self.text.vocab_size:
-      raise ValueError(f"image_token_id={self.image_token_id} outside the vocabulary [0, {self.text.vocab_size})")
+      raise ConfigError(f"image_token_id={self.image_token_id} outside the vocabulary [0, {self.text.vocab_size})")
 
   @classmethod
   def from_config(cls, model: Mapping[str, Any], *, image_token_id: int | None = None) -> "VLMConfig":
@@ -116,13 +118,13 @@ class VLMConfig:
     if token < 0:
       token = 0 if image_token_id is None else int(image_token_id)
     elif image_token_id is not None and image_token_id != token:
-      raise ValueError(f"config.model.image_token_id={token} but the tokenizer's <image> token is "
+      raise ConfigError(f"config.model.image_token_id={token} but the tokenizer's <image> token is "
                        f"{image_token_id}; set --config.model.image_token_id=-1 to use the tokenizer's")
     known = {"size", "vision", "projector", "text", "image_token_id", "dtype", "param_dtype", "remat",
              "scan_layers"}
     unknown = sorted(set(model) - known)
     if unknown:
-      raise ValueError(f"config.model: unknown keys {unknown}; valid keys: {sorted(known)}")
+      raise ConfigError(f"config.model: unknown keys {unknown}; valid keys: {sorted(known)}")
     return cls(
         vision=_build(VisionConfig, model["vision"]),
         text=_build(TextConfig, model["text"]),

@@ -1,19 +1,17 @@
-"""Hugging Face LLaVA checkpoints <-> mirage_jax parameters and configs (no torch needed).
+"""Hugging Face LLaVA weights and configs <-> mirage_jax parameters and model configs (no torch needed).
 
-`hf_to_jax` reads a transformers `LlavaForConditionalGeneration` directory (`config.json` plus
-`model.safetensors` or a sharded `model.safetensors.index.json`) with `safetensors.numpy` and writes an Orbax
-checkpoint in the layout training runs use (`OUT/checkpoints/0/{params,train,data,meta}`), `OUT/config.json`
-(the full mirage config: model block from the HF config, LLaVA-1.5 data settings) and `OUT/tokenizer/` when the
-HF directory has a tokenizer. So `--config.init_from=OUT`, `mirage eval --workdir=OUT` and
-`mirage eval --checkpoint=OUT/checkpoints/0` work on it. `jax_to_hf` writes the reverse: `config.json`,
-`model.safetensors` (sharded above `max_shard_bytes`), the tokenizer and a `preprocessor_config.json`.
+The pure mapping: a transformers `LlavaForConditionalGeneration` directory's `config.json` <-> the mirage
+`config.model` block / `VLMConfig`, and its tensors (`model.safetensors` or a sharded
+`model.safetensors.index.json`, read with `safetensors.numpy`) <-> the mirage parameter tree. Writing run
+directories, checkpoints, tokenizers and full run configs (`mirage convert hf-to-jax | jax-to-hf`) is the
+command's orchestration, in `mirage_jax.commands.convert`.
 
 Key layouts: the saved (legacy) names `language_model.model.*`, `language_model.lm_head.*`,
 `vision_tower.vision_model.*` (or `vision_tower.*`), `multi_modal_projector.*`, and the in-memory names of
 transformers 5 (`model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*`,
 `lm_head.*`) are both read; every tensor must be consumed (a few known buffers such as `position_ids` are
-skipped) and unknown or missing tensors are reported together in one error. `jax_to_hf` writes the legacy
-names, which transformers 4.x and 5.x both load.
+skipped) and unknown or missing tensors are reported together in one error. `hf_state_from_params` writes the
+legacy names, which transformers 4.x and 5.x both load.
 
 Weight layouts: torch Linear weights are [out, in]; mirage Dense kernels are [in..., out...] (attention q/k/v
 [D, H, E], o [H, E, D]); the CLIP patch convolution [W, C, p, p] becomes a Dense over (row, col, channel)
@@ -28,18 +26,16 @@ import json
 import math
 import pathlib
 import re
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
-import ml_collections
 import numpy as np
 
+from mirage_jax.errors import MissingFileError
 from mirage_jax.models.config import VLMConfig
 from mirage_jax.models.safetensors_io import (SAFETENSORS, SAFETENSORS_INDEX, ConversionError,  # noqa: F401
                                               numpy_dtype, read_hf_state, weight_files, write_hf_state)
 
-TOKENIZER_DIR = "tokenizer"
 # Buffers some checkpoints carry that are not parameters (recomputed by every implementation).
 _IGNORED = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
 # transformers 5 in-memory names -> the saved (legacy) names; applied in order.
@@ -62,7 +58,7 @@ def read_hf_config(hf_dir: str | pathlib.Path):
   """The directory's `LlavaConfig` (defaults filled in by transformers; works without torch)."""
   hf_dir = pathlib.Path(hf_dir)
   if not (hf_dir / "config.json").exists():
-    raise FileNotFoundError(f"no config.json in {hf_dir}: expected a transformers LLaVA checkpoint directory")
+    raise MissingFileError(f"no config.json in {hf_dir}: expected a transformers LLaVA checkpoint directory")
   model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
   if model_type != "llava":
     raise ConversionError(f"{hf_dir}/config.json has model_type={model_type!r}; only 'llava' "
@@ -241,7 +237,8 @@ def _expand(rule: Rule, cfg: VLMConfig) -> list[str]:
   return [rule.theirs.format(i=i) for i in range(_depth(rule, cfg))] if "{i}" in rule.theirs else [rule.theirs]
 
 
-def _nest(flat: Mapping[str, np.ndarray]) -> dict:
+def nest(flat: Mapping[str, np.ndarray]) -> dict:
+  """{"a/b/c": x} -> {"a": {"b": {"c": x}}} (the parameter tree of '/'-joined paths)."""
   out: dict = {}
   for path, value in flat.items():
     *parents, leaf = path.split("/")
@@ -252,11 +249,12 @@ def _nest(flat: Mapping[str, np.ndarray]) -> dict:
   return out
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  """The inverse of `nest`: a nested mapping -> {"a/b/c": leaf}."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}/"))
+      out.update(flatten(v, f"{prefix}{k}/"))
     else:
       out[prefix + str(k)] = v
   return out
@@ -317,12 +315,12 @@ def params_from_hf(state: Mapping[str, np.ndarray], cfg: VLMConfig, *,
   if bad:
     raise ConversionError("HF tensors do not match the config: " + "; ".join(bad[:12]) +
                           (f"; ... ({len(bad) - 12} more)" if len(bad) > 12 else ""))
-  return _nest(flat)
+  return nest(flat)
 
 
 def hf_state_from_params(params: Mapping, cfg: VLMConfig, *, dtype: str = "float32") -> dict[str, np.ndarray]:
   """mirage params -> HF tensors under the saved (legacy) key names, as `dtype`."""
-  flat = {k: np.asarray(v) for k, v in _flatten(params).items()}
+  flat = {k: np.asarray(v) for k, v in flatten(params).items()}
   table = rules(cfg)
   want = {r.ours for r in table}
   if set(flat) != want:
@@ -339,179 +337,27 @@ def hf_state_from_params(params: Mapping, cfg: VLMConfig, *, dtype: str = "float
   return out
 
 
-# --------------------------------------------------------------------------- whole checkpoints
-def _base_size(n_params: int) -> str:
-  """The size whose training defaults (batch, lr, mesh preset) suit a model of `n_params`."""
-  for limit, size in ((20e6, "tiny"), (500e6, "small"), (3e9, "1b"), (10e9, "7b")):
-    if n_params < limit:
-      return size
-  return "13b"
-
-
-def mirage_config(model: Mapping[str, Any], *, n_params: int, image_mean=None, image_std=None,
-                  base: str = "") -> ml_collections.ConfigDict:
-  """The full run config of a converted model: `base`'s training defaults, the converted model block and
-  LLaVA-1.5 data settings (Vicuna/llava_v1 template, CLIP statistics, dataset `vlguard`, path unset)."""
-  from mirage_configs import common
-
-  from mirage_jax.data import images, preprocess
-  c = common.training_config(base or _base_size(n_params))
-  c.model = ml_collections.ConfigDict(dict(model))
-  c.data.name = "vlguard"
-  c.data.path = ""
-  c.data.prompt_template = preprocess.LLAVA_V1_TEMPLATE
-  c.data.max_len = min(int(model["text"]["max_len"]), 2048)
-  c.data.image_mean = tuple(image_mean or images.CLIP_MEAN)
-  c.data.image_std = tuple(image_std or images.CLIP_STD)
-  c.data.streams = ml_collections.ConfigDict(dict(train="sft"))
-  c.eval.splits = "sft"
-  c.eval.refusal_preset = "vlguard"
-  return c
-
-
-def _image_stats(hf_dir: pathlib.Path) -> tuple[Any, Any]:
-  path = hf_dir / "preprocessor_config.json"
-  if not path.exists():
-    return None, None
-  d = json.loads(path.read_text())
-  return d.get("image_mean"), d.get("image_std")
-
-
-def _tokenizer(hf_dir: pathlib.Path):
-  """The HF directory's tokenizer (None when it has no tokenizer files)."""
-  if not any((hf_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-    return None
-  from mirage_jax.data.tokenizer import Tokenizer
-  return Tokenizer.from_hf(hf_dir)
-
-
-@dataclasses.dataclass
-class Converted:
-  params: dict  # nested dict of numpy arrays
-  model: VLMConfig
-  config: ml_collections.ConfigDict  # the full mirage run config
-  tokenizer: Any  # mirage Tokenizer or None
-
-
-def convert_hf(hf_dir: str | pathlib.Path, *, dtype: str = "float32", param_dtype: str = "float32",
-               base: str = "") -> Converted:
-  """Read and convert an HF LLaVA directory in memory (config, weights, tokenizer)."""
-  hf_dir = pathlib.Path(hf_dir)
-  hf_cfg = read_hf_config(hf_dir)
-  block = model_block_from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype)
-  tok = _tokenizer(hf_dir)
-  if tok is not None and tok.image_id != block["image_token_id"]:
-    raise ConversionError(f"the tokenizer's <image> id {tok.image_id} differs from image_token_index "
-                          f"{block['image_token_id']} in {hf_dir}/config.json")
-  if tok is not None and tok.vocab_size > block["text"]["vocab_size"]:
-    raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary only "
-                          f"{block['text']['vocab_size']}")
+# --------------------------------------------------------------------------- one directory, in memory
+def model_config(block: Mapping[str, Any], *, where: str | pathlib.Path = "") -> VLMConfig:
+  """The `VLMConfig` of a converted `config.model` block (a bad block is a ConversionError naming `where`)."""
   try:
-    model = VLMConfig.from_config(block)
+    return VLMConfig.from_config(block)
   except ValueError as e:
-    raise ConversionError(f"{hf_dir}/config.json: {e}") from None
-  params = params_from_hf(read_hf_state(hf_dir), model, param_dtype=param_dtype)
-  n = sum(a.size for a in _flatten(params).values())
-  mean, std = _image_stats(hf_dir)
-  config = mirage_config(block, n_params=n, image_mean=mean, image_std=std, base=base)
-  return Converted(params=params, model=model, config=config, tokenizer=tok)
+    raise ConversionError(f"{where}/config.json: {e}") from None
 
 
-def hf_to_jax(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str = "float32",
-              param_dtype: str = "float32", base: str = "") -> dict:
-  """Convert an HF LLaVA directory into a mirage checkpoint directory `out` (see the module docstring)."""
-  import jax
-
-  from mirage_jax import configlib
-  from mirage_jax.train import checkpoint
-  from mirage_jax.train.state import TrainState, new_rng
-  out = pathlib.Path(out)
-  ckpt_dir = out / checkpoint.CHECKPOINT_DIR
-  if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-    raise FileExistsError(f"{ckpt_dir} already holds checkpoints; choose an empty --out")
-  conv = convert_hf(hf_dir, dtype=dtype, param_dtype=param_dtype, base=base)
-  out.mkdir(parents=True, exist_ok=True)
-  tok_fp = None
-  if conv.tokenizer is not None:
-    conv.tokenizer.save(out / TOKENIZER_DIR)
-    tok_fp = conv.tokenizer.fingerprint()
-  (out / "config.json").write_text(configlib.to_json(conv.config))
-  meta = {"step": 0, "config": json.loads(configlib.to_json(conv.config)),
-          "source": {"hf_dir": str(pathlib.Path(hf_dir).absolute()), "converter": "mirage_jax.models.hf_convert"}}
-  if tok_fp:
-    meta["tokenizer"] = tok_fp
-  state = TrainState(step=np.int32(0), params=conv.params, opt_state={}, rng=np.asarray(jax.device_get(new_rng(0))),
-                     extras={})
-  ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1, keep=1, async_save=False)
-  ckpt.save(0, state, data={}, meta=meta, force=True)
-  ckpt.close()
-  n = sum(a.size for a in _flatten(conv.params).values())
-  return {"out": str(out), "checkpoint": str(ckpt_dir / "0"), "params": int(n),
-          "tokenizer": str(out / TOKENIZER_DIR) if tok_fp else None, "config": str(out / "config.json")}
+@dataclasses.dataclass(frozen=True)
+class HFModel:
+  block: dict  # the mirage `config.model` block
+  model: VLMConfig
+  params: dict  # nested dict of numpy arrays
 
 
-def load_checkpoint(ckpt: str | pathlib.Path) -> tuple[dict, VLMConfig, ml_collections.ConfigDict]:
-  """Params (numpy, one host), model config and run config of a mirage checkpoint (run dir or step dir)."""
-  import jax
-  import orbax.checkpoint as ocp
-
-  from mirage_jax import configlib
-  from mirage_jax.train import checkpoint
-  params_dir = checkpoint.find_params_dir(ckpt)
-  meta = checkpoint.read_meta(params_dir)
-  if "config" not in meta:
-    raise FileNotFoundError(f"{params_dir.parent} has no meta/metadata with the run config")
-  config = configlib.from_json(json.dumps(meta["config"]))
-  image_id = int(config.model.image_token_id)
-  tok_dir = _checkpoint_tokenizer_dir(pathlib.Path(ckpt), config)
-  if image_id < 0:
-    from mirage_jax.data.tokenizer import Tokenizer
-    if tok_dir is None:
-      raise ConversionError("config.model.image_token_id is -1 (the data's tokenizer) and no tokenizer was found")
-    image_id = Tokenizer.load(tok_dir).image_id
-  model = VLMConfig.from_config(config.model, image_token_id=image_id)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shapes = param_shapes(model)
-  dtype = np.dtype(numpy_dtype(model.param_dtype))
-  target = _nest({k: jax.ShapeDtypeStruct(s, dtype, sharding=device) for k, s in shapes.items()})
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(params_dir, target)
-  return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params), model, config
-
-
-def _checkpoint_tokenizer_dir(ckpt: pathlib.Path, config) -> pathlib.Path | None:
-  """The tokenizer belonging to a checkpoint: `<out>/tokenizer` of a converted model, else the dataset's."""
-  for parent in (ckpt, *ckpt.absolute().parents[:4]):
-    if (parent / TOKENIZER_DIR / "tokenizer.json").exists():
-      return parent / TOKENIZER_DIR
-  path = config.data.get("path", "")
-  if path and (pathlib.Path(path) / "extra" / "tokenizer" / "tokenizer.json").exists():
-    return pathlib.Path(path) / "extra" / "tokenizer"
-  return None
-
-
-def jax_to_hf(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str = "float32",
-              max_shard_bytes: int = 5 << 30) -> dict:
-  """Write a mirage checkpoint as a transformers LLaVA directory (config, safetensors, tokenizer)."""
-  from mirage_jax.data.tokenizer import Tokenizer
-  params, model, config = load_checkpoint(ckpt)
-  out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  tok_dir = _checkpoint_tokenizer_dir(pathlib.Path(ckpt), config)
-  tok = Tokenizer.load(tok_dir) if tok_dir else None
-  hf_cfg = hf_config_from_model(model, torch_dtype=dtype, pad_token_id=tok.pad_id if tok else None)
-  hf_cfg.save_pretrained(str(out))
-  files = write_hf_state(hf_state_from_params(params, model, dtype=dtype), out, max_shard_bytes=max_shard_bytes)
-  if tok_dir:
-    for f in tok_dir.iterdir():
-      if f.is_file():
-        shutil.copy2(f, out / f.name)
-  size = model.vision.image_size
-  (out / "preprocessor_config.json").write_text(json.dumps({
-      "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor", "do_resize": True,
-      "size": {"shortest_edge": size}, "do_center_crop": True, "crop_size": {"height": size, "width": size},
-      "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-      "image_mean": list(config.data.image_mean), "image_std": list(config.data.image_std), "resample": 3,
-  }, indent=1))
-  return {"out": str(out), "files": files, "tokenizer": bool(tok_dir), "dtype": dtype}
-
+def read_hf_model(hf_dir: str | pathlib.Path, *, dtype: str = "float32", param_dtype: str = "float32") -> HFModel:
+  """An HF LLaVA directory's model config and weights as mirage ones, in memory (no tokenizer, no run config:
+  `mirage_jax.commands.convert.convert_hf` adds those)."""
+  hf_dir = pathlib.Path(hf_dir)
+  block = model_block_from_hf(read_hf_config(hf_dir), dtype=dtype, param_dtype=param_dtype)
+  model = model_config(block, where=hf_dir)
+  return HFModel(block=block, model=model, params=params_from_hf(read_hf_state(hf_dir), model,
+                                                                 param_dtype=param_dtype))

@@ -61,7 +61,7 @@ def hf_logits(hf_dir: str | pathlib.Path, inputs: dict[str, np.ndarray]) -> np.n
   return out.logits.float().numpy()
 
 
-def jax_logits(conv: hf_convert.Converted, inputs: dict[str, np.ndarray]) -> np.ndarray:
+def jax_logits(conv: hf_convert.HFModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
   """Logits [B, T, V] of the converted mirage model (compute dtype as converted)."""
   import jax
   from flax import nnx
@@ -80,7 +80,7 @@ def jax_logits(conv: hf_convert.Converted, inputs: dict[str, np.ndarray]) -> np.
 
 def check_parity(hf_dir: str | pathlib.Path, cfg: ParityConfig = ParityConfig()) -> dict[str, Any]:
   """Run both models on the same random inputs; `{"max_abs_logit_diff", "tokens", "ok", ...}`."""
-  conv = hf_convert.convert_hf(hf_dir, dtype="float32", param_dtype="float32")
+  conv = hf_convert.read_hf_model(hf_dir, dtype="float32", param_dtype="float32")
   inputs = random_inputs(conv.model, conv.model.text.vocab_size, cfg)
   theirs = hf_logits(hf_dir, inputs)
   ours = jax_logits(conv, inputs)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mirage_jax.errors import ConfigError
 from mirage_jax.models.config import Remat
 
 # Variables are created unsharded; placement comes from `jax.jit(init, out_shardings=...)` driven by the
@@ -30,7 +31,7 @@ def dtype_of(name: str) -> jnp.dtype:
   try:
     return jnp.dtype(name)
   except TypeError as e:
-    raise ValueError(f"unknown dtype {name!r} (use float32 or bfloat16)") from e
+    raise ConfigError(f"unknown dtype {name!r} (use float32 or bfloat16)") from e
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[str | None],
@@ -104,7 +105,7 @@ def activation(name: str) -> Callable[[Array], Array]:
       "relu": jax.nn.relu,
   }
   if name not in acts:
-    raise ValueError(f"unknown activation {name!r}; valid: {sorted(acts)}")
+    raise ConfigError(f"unknown activation {name!r}; valid: {sorted(acts)}")
   return acts[name]
 
 

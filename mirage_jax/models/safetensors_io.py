@@ -1,5 +1,8 @@
-"""Safetensors checkpoint files with numpy only: one file or shards with an index, float32/float16 and bfloat16
-(read through a memory-mapped header parser where numpy lacks the dtype, written bit for bit).
+"""Safetensors checkpoint files with numpy only: one file or shards with an index, float32/float16 and bfloat16.
+
+Reading and writing go through the `safetensors` package's numpy API, which handles BF16 as
+`ml_dtypes.bfloat16` since 0.4.1 (`install_requires` asks for `safetensors>=0.4.1` and `ml_dtypes`), so no
+header parser of our own is needed.
 """
 
 from __future__ import annotations
@@ -7,7 +10,6 @@ from __future__ import annotations
 import json
 import pathlib
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 import numpy as np
 
@@ -30,32 +32,9 @@ def numpy_dtype(name: str):
   return np.dtype(name)
 
 
-def _read_raw(path: pathlib.Path) -> dict[str, np.ndarray]:
-  """Header-parsing reader for dtypes numpy lacks (BF16): memory-mapped, converted per tensor."""
-  import ml_dtypes
-  kinds = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-  with path.open("rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in kinds:
-      raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    out[name] = data[start:end].view(kinds[info["dtype"]]).reshape(info["shape"])
-  return out
-
-
 def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
-  try:
-    return load_file(str(path))
-  except TypeError:  # e.g. "data type 'bfloat16' not understood"
-    return _read_raw(path)
+  return load_file(str(path))
 
 
 def weight_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -99,23 +78,7 @@ def _shards(state: Mapping[str, np.ndarray], max_bytes: int) -> Iterator[dict[st
 
 def _save_file(tensors: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
   from safetensors.numpy import save_file
-  if any(a.dtype.name == "bfloat16" for a in tensors.values()):  # numpy has no bf16: save the bits
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset, blobs = 0, []
-    for k in sorted(tensors):
-      a = np.ascontiguousarray(tensors[k])
-      code = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[a.dtype.name]
-      header[k] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-      offset += a.nbytes
-      blobs.append(a.tobytes())
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with path.open("wb") as f:
-      f.write(len(text).to_bytes(8, "little") + text)
-      for b in blobs:
-        f.write(b)
-    return
-  save_file(dict(tensors), str(path), metadata={"format": "pt"})
+  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
 def write_hf_state(state: Mapping[str, np.ndarray], out: pathlib.Path, *, max_shard_bytes: int) -> list[str]:

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-MODELS = ("base", "sft_mixed", "sft_posthoc", "npo", "rmu", "graddiff", "simnpo")
-LABELS = {"base": "Base (LLaVA analogue)", "sft_mixed": "+ Mixed-SFT", "sft_posthoc": "+ Posthoc-SFT",
-          "npo": "+ NPO", "rmu": "+ RMU", "graddiff": "+ GradDiff", "simnpo": "+ SimNPO"}
+from mirage_configs import methods
+
+MODELS = methods.NAMES  # the table order (`mirage_configs.methods`)
+LABELS = {m.name: m.label for m in methods.METHODS}
 
 
 def model_entry(metrics: Mapping[str, Any]) -> dict:

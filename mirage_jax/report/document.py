@@ -11,17 +11,19 @@ import numpy as np
 
 from mirage_jax import report as report_lib
 from mirage_jax.audit import summary as audit_summary
-from mirage_jax.data import synthetic
+from mirage_jax.data import pipeline, synthetic
+from mirage_jax.data.records import in_id_order, load_records
+from mirage_jax.data.tfds_builders import BuiltDataset
 from mirage_jax.report import plots
 
 
-def image_distances(world_config: Mapping) -> dict[str, float]:
+def image_distances(dataset: BuiltDataset) -> dict[str, float]:
   """How far test images are from the SFT/forget images: RMS pixel distance (0-255 scale) of each `unsafe`
-  test image to its nearest `forget` image, vs. between two training instances of one object."""
-  world = synthetic.World(synthetic.WorldConfig.from_dict(dict(world_config)))
+  test image (the first 100) to its nearest `forget` image, vs. between two training instances of one
+  object; read from the built dataset."""
   flat = lambda recs: np.stack([r["image"].reshape(-1).astype(np.float32) for r in recs])  # noqa: E731
-  test = world.split("unsafe")[:100]
-  forget = world.split("forget")
+  test = in_id_order(load_records(dataset.source("unsafe")))[:100]
+  forget = in_id_order(load_records(dataset.source("forget")))
   train = flat(forget)
   nearest = [float(np.sqrt(((train - x) ** 2).mean(axis=1)).min()) for x in flat(test)]
   by_obj: dict[str, list] = {}
@@ -44,15 +46,15 @@ def write(workdir: pathlib.Path, rep: dict, *, checks: Sequence, loss_rows: Mapp
           config) -> None:
   models = rep["models"]
   missed = [c for c in checks if not c[2]]
-  world = config.data.world.to_dict()
-  dist = image_distances(world)
+  dataset = pipeline.open_data(config.data).dataset  # the runs' dataset: what its build recorded
+  world = dataset.world_info["world"]
+  dist = image_distances(dataset)
   rep["image_distance"] = dist
   rep["targets"] = [{"target": c, "measured": v, "met": ok} for c, v, ok in checks]
   plots.attack_bars(models, workdir / "attack_asr_rr.png")
   plots.kshot_curve(models, workdir / "kshot_curve.png")
   plots.loss_curves({k: v for k, v in loss_rows.items() if k != "base"}, workdir / "loss_curves.png")
-  sft_table = synthetic.format_first_word_table(synthetic.first_word_table(
-      synthetic.World(synthetic.WorldConfig.from_dict(world)).split("sft")))
+  sft_table = synthetic.format_first_word_table(synthetic.first_word_table(load_records(dataset.source("sft"))))
   seeds = len(rep["seeds"])
   text = f"""# Safety mirage on the synthetic benchmark
 

@@ -20,6 +20,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 
 from mirage_jax import configlib, report as report_lib
+from mirage_jax.errors import CheckpointError, MissingFileError
 
 log = logging.getLogger("mirage")
 
@@ -90,7 +91,7 @@ def find_runs(dirs: Sequence[str | pathlib.Path]) -> list[Run]:
   runs = []
   for d in map(pathlib.Path, dirs):
     if not d.is_dir():
-      raise FileNotFoundError(f"--runs: {d} is not a directory")
+      raise MissingFileError(f"--runs: {d} is not a directory")
     for path in sorted(d.rglob("eval.json")):
       run_dir, step = path.parent, ""
       if not (run_dir / "config.json").exists() and (run_dir.parent.parent / "config.json").exists():
@@ -100,7 +101,7 @@ def find_runs(dirs: Sequence[str | pathlib.Path]) -> list[Run]:
         continue
       runs.append(_read_run(path, run_dir, step))
   if not runs:
-    raise FileNotFoundError(f"no eval.json (with a config.json) under {', '.join(map(str, dirs))}; "
+    raise MissingFileError(f"no eval.json (with a config.json) under {', '.join(map(str, dirs))}; "
                             "`mirage eval --workdir=<run>` writes one")
   return sorted(runs, key=lambda r: (r.params, r.size, _method_rank(r.method), r.variant, r.seed, r.run))
 
@@ -110,7 +111,7 @@ def _read_run(path: pathlib.Path, run_dir: pathlib.Path, step: str) -> Run:
     metrics = json.loads(path.read_text())
     config = json.loads((run_dir / "config.json").read_text())
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} or its config.json is not valid JSON: {e}") from None
+    raise CheckpointError(f"{path} or its config.json is not valid JSON: {e}") from None
   model = config["model"]
   size, seed = str(model.get("size", "?")), int(config.get("seed", 0))
   method = method_of(run_dir.name, config)

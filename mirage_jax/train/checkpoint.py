@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from mirage_jax.errors import CheckpointError, MissingFileError
 from mirage_jax.train.state import TrainState
 
 ITEMS = ("params", "train", "data", "meta")
@@ -122,7 +123,7 @@ def find_params_dir(path: str | os.PathLike) -> pathlib.Path:
   ckpt = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
   steps = sorted(int(p.name) for p in ckpt.glob("*") if p.name.isdigit() and (p / "params").is_dir())
   if not steps:
-    raise FileNotFoundError(f"no checkpoint with params under {path} (expected a run directory, its "
+    raise MissingFileError(f"no checkpoint with params under {path} (expected a run directory, its "
                             f"{CHECKPOINT_DIR}/ folder, or a step directory)")
   return ckpt / str(steps[-1]) / "params"
 
@@ -142,13 +143,13 @@ def restore_params(path: str | os.PathLike, target: Any, *, tokenizer: str | Non
   params_dir = find_params_dir(path)
   saved = read_meta(params_dir).get("tokenizer")
   if tokenizer and saved and saved != tokenizer:
-    raise ValueError(f"{params_dir.parent} was trained with a different tokenizer (vocabulary {saved}, this "
+    raise CheckpointError(f"{params_dir.parent} was trained with a different tokenizer (vocabulary {saved}, this "
                      f"run's is {tokenizer}): token ids would not match. Was the dataset or world changed?")
   with ocp.StandardCheckpointer() as ckptr:
     try:
       return ckptr.restore(params_dir, target)
     except (ValueError, KeyError) as e:
-      raise ValueError(f"parameters in {params_dir} do not match this model config: {e}") from None
+      raise CheckpointError(f"parameters in {params_dir} do not match this model config: {e}") from None
 
 
 def host_params(params: Any) -> Any:

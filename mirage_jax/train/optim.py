@@ -22,6 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mirage_configs import comma_list
+from mirage_jax.errors import ConfigError
+
 FROZEN, TRAIN = "frozen", "train"
 DECODER_LAYERS = "decoder/layers/"
 
@@ -33,13 +36,11 @@ def path_str(path: tuple) -> str:
 def compile_patterns(spec: str, *, what: str) -> list[re.Pattern]:
   """Comma-separated regexes (full match against parameter paths)."""
   out = []
-  for p in (p.strip() for p in spec.split(",")):
-    if not p:
-      continue
+  for p in comma_list(spec):
     try:
       out.append(re.compile(p))
     except re.error as e:
-      raise ValueError(f"{what}: bad regex {p!r}: {e}") from None
+      raise ConfigError(f"{what}: bad regex {p!r}: {e}") from None
   return out
 
 
@@ -68,7 +69,7 @@ def label_tree(params: Any, optim: Mapping) -> Any:
   labels = jax.tree_util.tree_map_with_path(label, params)
   unused = [f"{key}: {pat!r}" for (key, pat), n in hits.items() if not n]
   if unused:
-    raise ValueError(f"{'; '.join(unused)} matches no parameter; parameter paths look like "
+    raise ConfigError(f"{'; '.join(unused)} matches no parameter; parameter paths look like "
                      f"{', '.join(_paths(params)[:6])}, ...")
   return labels
 
@@ -83,12 +84,12 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
       a, b = spec.split(":")
       layers = tuple(range(int(a), int(b)))
     else:
-      layers = tuple(int(x) for x in spec.split(",") if x.strip())
+      layers = tuple(int(x) for x in comma_list(spec))
   except ValueError:
-    raise ValueError(f"optim.decoder_layers={spec!r}: use 'a:b' or 'i,j,k'") from None
+    raise ConfigError(f"optim.decoder_layers={spec!r}: use 'a:b' or 'i,j,k'") from None
   bad = [l for l in layers if not 0 <= l < num_layers]
   if bad or not layers:
-    raise ValueError(f"optim.decoder_layers={spec!r}: layers {bad or '(none)'} outside the decoder's "
+    raise ConfigError(f"optim.decoder_layers={spec!r}: layers {bad or '(none)'} outside the decoder's "
                      f"{num_layers} layers")
   return layers
 
@@ -136,7 +137,7 @@ def schedule(optim: Mapping, total_steps: int) -> optax.Schedule:
   if kind == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
                                               end_value=lr * float(optim.get("end_lr_ratio", 0.0)))
-  raise ValueError(f"unknown optim.schedule {kind!r}; valid: cosine, constant")
+  raise ConfigError(f"unknown optim.schedule {kind!r}; valid: cosine, constant")
 
 
 def make_optimizer(optim: Mapping, total_steps: int, params: Any) -> tuple[optax.GradientTransformation,
@@ -159,9 +160,26 @@ def trainable_count(params: Any, optim: Mapping) -> int:
   """Parameters that receive updates (layer restrictions counted by slice)."""
   labels = jax.tree.leaves(label_tree(params, optim))
   masks = layer_masks(params, optim.get("decoder_layers", ""))
-  masks = jax.tree.leaves(masks) if masks is not None else [1.0] * len(labels)
-  return int(sum(np.prod(p.shape) * float(np.mean(np.broadcast_to(m, p.shape)))
-                 for p, l, m in zip(jax.tree.leaves(params), labels, masks) if l == TRAIN))
+  masks = jax.tree.leaves(masks) if masks is not None else [np.ones(())] * len(labels)
+
+  def count(shape, mask) -> int:  # a mask varies along the leading (layer) axis only
+    size = int(np.prod(shape, dtype=np.int64))
+    return size if mask.ndim == 0 else size // mask.shape[0] * int(np.sum(mask))
+
+  return sum(count(p.shape, np.asarray(m)) for p, l, m in zip(jax.tree.leaves(params), labels, masks) if l == TRAIN)
+
+
+def trainable_layers(params: Any, optim: Mapping) -> list[int]:
+  """Sorted 0-based decoder layers in which some stacked decoder parameter updates (all when none is frozen)."""
+  labels = label_tree(params, optim)
+  stacked = [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+             if path_str(p).startswith(DECODER_LAYERS)]
+  if not stacked:
+    return []
+  trains = {path_str(p) for p, l in jax.tree_util.tree_flatten_with_path(labels)[0] if l == TRAIN}
+  if not any(name in trains for name, _ in stacked):
+    return []
+  return sorted(parse_layers(optim.get("decoder_layers", ""), stacked[0][1].shape[0]))
 
 
 def state_shardings(opt_abstract: Any, param_shardings: Any, replicated: Any) -> Any:

@@ -23,8 +23,7 @@ def make_score_step(spec):
     model = spec.merge(params)
     labels = logprob.next_token_labels(batch["tokens"], batch["loss_mask"])
     logits = model.logits(model(batch).hidden_btd)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+    picked = logprob.label_logprob(logits, labels)  # 0 where label < 0 (those rows weigh 0 anyway)
     valid = (labels >= 0) * batch["weight"][:, None]
     correct = (jnp.argmax(logits, axis=-1) == labels) * valid
     return {"nll": -jnp.sum(picked * valid), "correct": jnp.sum(correct), "tokens": jnp.sum(valid)}

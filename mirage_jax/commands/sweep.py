@@ -9,7 +9,8 @@ order (a base before the runs initialised from it). Launchers:
   slurm   `sbatch launch/slurm_gpu.sbatch train ...` jobs chained with `--dependency=afterok:<upstream job>`
 
 Every point's config is loaded and its overrides applied before anything runs, so a bad key fails the whole
-sweep at once. No jax is imported here.
+sweep at once. `mirage demo` runs points in-process instead (`mirage_jax.commands.demo`): `load` and `expand`
+are its loaders too. No jax is imported here.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from collections.abc import Mapping, Sequence
 
 from mirage_jax import configlib
 from mirage_jax.errors import ConfigError
+from mirage_jax.report import runs as report_runs
 
 LAUNCHERS = ("local", "tpu_vm", "slurm")
-LAUNCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "launch"
+LAUNCH_DIR = pathlib.Path(__file__).resolve().parents[2] / "launch"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
 _KEYS = {"name", "config", "overrides", "init_from", "labels"}
 
@@ -75,9 +77,13 @@ def load(spec: str, *, overrides: Sequence[str] = ()) -> Sweep:
     raw = module.sweep(config)
   except ValueError as e:
     raise SweepError(f"{spec}: {e}") from None
-  every = _every_run_overrides(config)
-  points = order([_check_point(p, every) for p in raw])
-  return Sweep(spec=spec, points=tuple(_with_hash(p) for p in points))
+  return Sweep(spec=spec, points=expand(raw, every=_every_run_overrides(config)))
+
+
+def expand(raw: Sequence[Mapping], *, every: Sequence[str] = ()) -> tuple[Point, ...]:
+  """Point dicts (`configs/ablations/__init__.py`) -> checked Points in dependency order, each with `every`
+  appended to its overrides and its training config loaded (a bad key fails here) and hashed."""
+  return tuple(_with_hash(p) for p in order([_check_point(p, every) for p in raw]))
 
 
 def _every_run_overrides(config) -> list[str]:
@@ -134,7 +140,6 @@ def order(points: Sequence[Point]) -> list[Point]:
 
 def _with_hash(p: Point) -> Point:
   """Load the point's training config with its overrides (a bad key fails here, before anything runs)."""
-  from mirage_jax.report import runs as report_runs
   init = [f"--config.init_from=<{p.init_from}>"] if p.init_from else []
   try:
     config = configlib.apply_overrides(configlib.load(p.config), [*p.overrides, *init])
@@ -215,3 +220,20 @@ def _bash(text: str, env: Mapping, *, what: str) -> None:
   rc = subprocess.run(["bash", "-euo", "pipefail", "-c", text], env=env, check=False).returncode
   if rc:
     raise SweepError(f"{what} failed with exit status {rc}")
+
+
+def default_workdir(spec: str) -> str:
+  """`runs/<sweep config name>`: where `mirage sweep` puts the points' runs without `--workdir`."""
+  return os.path.join("runs", os.path.basename(spec.partition(":")[0]).removesuffix(".py"))
+
+
+def run(spec: str, *, overrides: Sequence[str] = (), workdir: str | None = None, launcher: str = "local",
+        launcher_args: str = "", dry_run: bool = False) -> str:
+  """`mirage sweep`: load the sweep, plan its commands, then run them (returns "") or, with `dry_run`, return
+  the bash script instead."""
+  plan = make_plan(load(spec, overrides=overrides), workdir=default_workdir(spec) if workdir is None else workdir,
+                   launcher=launcher, launcher_args=launcher_args)
+  if dry_run:
+    return script(plan)
+  execute(plan)
+  return ""

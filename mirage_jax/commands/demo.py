@@ -1,0 +1,218 @@
+"""`mirage demo`: the whole Safety Mirage experiment on a laptop CPU.
+
+Data -> base -> mixed and post-hoc SFT, NPO, RMU, GradDiff, SimNPO (all from the base; the table
+`mirage_configs.methods`) -> evaluation of every model -> `report.md`, `report.json` and plots. Every stage is
+a sweep point (`mirage_jax.commands.sweep.Point`: config spec, overrides, upstream point), trained in-process
+like `mirage train`; its directory `<method>-s<seed>-<hash>` carries a content hash of its config (and of its
+upstream stage), so rerunning reuses finished stages and resumes interrupted ones. `--config.x=y` overrides
+apply to every stage that has key x. `mirage demo --ablations` adds the world-knob ablation: the points of
+`configs/ablations/world.py`, run by the same stage runner. Unless `audit=False`, the shortcut audit of the
+training data and the attack search against seed 0's models (`mirage_jax.audit.summary`) go to `audit/` and
+`report.json["audit"]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import ml_collections
+
+from mirage_configs import ablations as ablation_configs, methods
+from mirage_configs.ablations import world as world_ablation
+from mirage_jax import configlib, report as report_lib
+from mirage_jax.commands import sweep
+from mirage_jax.data import pipeline
+from mirage_jax.eval import runner
+from mirage_jax.report import document
+from mirage_jax.train import checkpoint, loop, metrics as metrics_lib, runtime
+
+log = logging.getLogger("mirage")
+
+WORLD_ABLATION = "configs/ablations/world.py"
+_WORLD_KNOB = "--config.data.world."
+
+
+def apply_everywhere(configs: dict, overrides: Sequence[str]) -> dict:
+  """Apply each override to every stage config that has its key; a key no stage has is an error."""
+  out = dict(configs)
+  for item in overrides:
+    hits = 0
+    for name, config in out.items():
+      try:
+        out[name] = configlib.apply_overrides(config, [item])
+        hits += 1
+      except configlib.ConfigError as e:
+        if "unknown config key" not in str(e):
+          raise
+    if not hits:
+      raise configlib.ConfigError(f"override {item!r} matches no stage's config")
+  return out
+
+
+def stage_points(names: Sequence[str], *, size: str, seed: int) -> tuple[sweep.Point, ...]:
+  """The demo's stages among `names` (in the table's order) at `size` and `seed`: the base, then every other
+  method initialised from it."""
+  base = ablation_configs.point(methods.BASE, size, seed)["name"]
+  return sweep.expand([ablation_configs.point(m.name, size, seed, init_from=base if m.from_base else "")
+                       for m in methods.METHODS if m.name in names])
+
+
+def point_configs(points: Sequence[sweep.Point], overrides: Sequence[str]) -> dict[str, ml_collections.ConfigDict]:
+  """Each point's training config: its file, the demo's overrides where they apply (`apply_everywhere`),
+  then the point's own overrides (size, seed, world knobs)."""
+  configs = apply_everywhere({p.name: configlib.load(p.config) for p in points}, overrides)
+  return {p.name: configlib.apply_overrides(configs[p.name], p.overrides) for p in points}
+
+
+def fingerprint(config: ml_collections.ConfigDict, upstream: str) -> str:
+  d = config.to_dict()
+  d.pop("init_from", None)
+  return configlib.fingerprint({"config": d, "upstream": upstream})
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+  run_dir: pathlib.Path
+  fingerprint: str  # of its config and its upstream's fingerprint
+  metrics: dict  # its eval.json
+
+
+class StageRunner:
+  """Runs points into `root/<method>-s<seed>-<hash>` (reusing finished ones) and evaluates them once each.
+
+  One `SafetyEvaluator` (one compiled decoder) serves every model that shares the first model's
+  architecture and test data.
+  """
+
+  def __init__(self, root: pathlib.Path):
+    self.root = root
+    self.root.mkdir(parents=True, exist_ok=True)
+    self.timing: dict[str, float] = {}
+    self._evaluators: dict[str, runner.SafetyEvaluator] = {}
+
+  def run(self, point: sweep.Point, config: ml_collections.ConfigDict, *, upstream: StageRun | None = None,
+          label: str = "") -> StageRun:
+    """Train (unless finished) and evaluate one point, `config` being its training config
+    (`point_configs`); `upstream` is the finished run of `point.init_from`."""
+    t = time.time()
+    method = point.labels.get("method", point.name)
+    up_fp = ""
+    if point.init_from:
+      if upstream is None:
+        raise configlib.ConfigError(f"stage {point.name} needs the {point.init_from} stage")
+      config = configlib.apply_overrides(config, [f"--config.init_from={upstream.run_dir}"])
+      up_fp = upstream.fingerprint
+    fp = fingerprint(config, up_fp)
+    run_dir = self.root / f"{method}-s{config.seed}-{fp}"
+    if checkpoint.latest_step_on_disk(run_dir / checkpoint.CHECKPOINT_DIR) != config.total_steps:
+      log.warning("%s %s: training %d steps -> %s", label, method, config.total_steps, run_dir)
+      loop.run(config, run_dir)
+    eval_path = run_dir / "eval.json"
+    if not eval_path.exists():
+      setup = runtime.setup(config)
+      key = configlib.fingerprint({"model": config.model.to_dict(), "data": config.data.to_dict(),
+                                   "eval": config.eval.to_dict()}, drop=())
+      if key not in self._evaluators:
+        self._evaluators[key] = runner.SafetyEvaluator(setup, config)
+      params = runtime.load_params(setup, str(run_dir))
+      metrics = self._evaluators[key](params, responses_path=run_dir / "responses.jsonl")
+      eval_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    self.timing[f"{method}/s{config.seed}"] = time.time() - t
+    log.warning("%s %s: done in %.0f s", label, method, time.time() - t)
+    return StageRun(run_dir=run_dir, fingerprint=fp, metrics=json.loads(eval_path.read_text()))
+
+
+def run_world_ablation(runs: StageRunner, *, size: str, overrides: Sequence[str]) -> dict:
+  """`report.json["ablation"]`: the points of `configs/ablations/world.py` at `size`, one row per variant.
+
+  A variant whose `pretrain` split is identical to the default world's (the digests the dataset builds
+  record) reuses the default base instead of training its own.
+  """
+  points = sweep.load(WORLD_ABLATION, overrides=[f"--config.sizes={size}"]).points
+  configs = point_configs(points, overrides)
+  variants: dict[str, list[sweep.Point]] = {}
+  for p in points:
+    variants.setdefault(p.labels["variant"], []).append(p)
+  ref = _base_of(variants[world_ablation.DEFAULT])
+  default_digest = pipeline.split_digest(configs[ref.name].data, "pretrain")
+  default_base = runs.run(ref, configs[ref.name], label="[ablation default]")
+  rows = {}
+  for name, group in variants.items():
+    base_point = _base_of(group)
+    reuse = pipeline.split_digest(configs[base_point.name].data, "pretrain") == default_digest
+    base = default_base if reuse else runs.run(base_point, configs[base_point.name], label=f"[ablation {name}]")
+    models = {"base": report_lib.model_entry(base.metrics)}
+    for p in group:
+      if p.init_from:
+        done = runs.run(p, configs[p.name], upstream=base, label=f"[ablation {name}]")
+        models[p.labels["method"]] = report_lib.model_entry(done.metrics)
+    rows[name] = {"what": base_point.labels["what"], "base_reused": reuse, "models": models,
+                  "overrides": [o for o in base_point.overrides if o.startswith(_WORLD_KNOB)]}
+  return rows
+
+
+def _base_of(group: Sequence[sweep.Point]) -> sweep.Point:
+  return next(p for p in group if not p.init_from)
+
+
+@dataclasses.dataclass
+class DemoResult:
+  workdir: pathlib.Path
+  report: dict
+  checks: list
+
+  def summary(self) -> str:
+    met = sum(ok for _, _, ok in self.checks)
+    return (f"report: {self.workdir / 'report.md'} ({met}/{len(self.checks)} targets met, "
+            f"{self.report['timing_s']['total']:.0f} s)")
+
+
+def _run_seed(runs: StageRunner, points: Sequence[sweep.Point], configs: Mapping[str, ml_collections.ConfigDict],
+              *, seed: int, t0: float) -> dict[str, StageRun]:
+  """Every stage of one seed, upstream first: {method: its run}."""
+  done: dict[str, StageRun] = {}
+  for i, p in enumerate(points):
+    done[p.name] = runs.run(p, configs[p.name], upstream=done.get(p.init_from),
+                            label=f"[seed {seed} · {i + 1}/{len(points)} · {time.time() - t0:.0f} s]")
+  return {p.labels["method"]: done[p.name] for p in points}
+
+
+def run_demo(*, workdir: str | pathlib.Path, seeds: int = 1, size: str = "tiny", overrides: Sequence[str] = (),
+             stages: Sequence[str] = (), ablations: bool = False, audit: bool = True) -> DemoResult:
+  t0 = time.time()
+  workdir = pathlib.Path(workdir)
+  names = [n for n in methods.NAMES if not stages or n in stages]
+  runs = StageRunner(workdir / "runs")
+  per_seed, run_dirs, seed0, configs = [], {}, {}, {}
+  for seed in range(seeds):
+    points = stage_points(names, size=size, seed=seed)
+    point_cfgs = point_configs(points, overrides)
+    done = _run_seed(runs, points, point_cfgs, seed=seed, t0=t0)
+    run_dirs.update({m: r.run_dir for m, r in done.items()})
+    if seed == 0:
+      seed0 = {m: r.run_dir for m, r in done.items()}
+      configs = {p.labels["method"]: point_cfgs[p.name] for p in points}
+    per_seed.append({m: report_lib.model_entry(r.metrics) for m, r in done.items()})
+  models = report_lib.aggregate(per_seed)
+  rep = {"models": models, "timing_s": dict(runs.timing), "seeds": list(range(seeds)), "size": size,
+         "overrides": list(overrides), "runs": {k: str(v) for k, v in run_dirs.items()},
+         "devices": jax.device_count()}
+  rep["timing_s"]["total"] = time.time() - t0
+  if ablations:
+    rep["ablation"] = run_world_ablation(runs, size=size, overrides=overrides)
+    rep["timing_s"]["total_with_ablation"] = time.time() - t0
+  if audit:
+    from mirage_jax.audit import summary as audit_summary
+    rep["audit"] = audit_summary.run_cached(seed0, configs={k: configs[k] for k in seed0},
+                                            out_dir=workdir / "audit")
+    rep["timing_s"]["audit"] = rep["audit"]["timing_s"]
+  checks = report_lib.target_checks(models)
+  loss_rows = {name: metrics_lib.read_metrics(d) for name, d in run_dirs.items()}
+  document.write(workdir, rep, checks=checks, loss_rows=loss_rows, config=next(iter(configs.values())))
+  return DemoResult(workdir=workdir, report=rep, checks=checks)
