@@ -135,7 +135,7 @@ def test_describe_subprocess_of_the_installed_script():
      "mirage describe: error: configs/sft/posthoc.py:9b: unknown model size '9b'"),
     (["train", f"--config={SFT}", "--workdir=unused", "--config.total_step=3"],
      "mirage train: error: unknown config key 'total_step'; closest valid keys: total_steps"),
-    (["eval", "--workdir=/nonexistent/run"], "mirage eval: error: /nonexistent/run/config.json not found"),
+    (["eval", "--workdir=/nonexistent/run"], "mirage eval: error: /nonexistent/run not found"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(capsys, argv, message):
   code, out, err = run_main(argv, capsys)

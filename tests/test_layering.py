@@ -11,8 +11,8 @@ to top (a package may import its own layer, when that makes no cycle, and the la
   5  commands, cli, main
 
 `models` imports only from layer 0 minus `configlib` (errors, seeds, sharding). The experiment configs
-(`configs/`, installed as `mirage_configs`) import no jax and from mirage_jax only `errors` and the world's
-`WorldConfig` (`data.synthetic` / `data.world_config`); `models` never imports them. No import cycle between
+(`configs/`, installed as `mirage_configs`) sit beside layer 0: they import no jax and from mirage_jax only
+`errors` (the world's knobs and defaults live in `configs/world.py`); `models` never imports them. No import cycle between
 packages, nor between modules (mirage_configs included). `python tests/test_layering.py` prints the
 package graph.
 """
@@ -35,7 +35,7 @@ LAYERS = (
 )
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 MODELS_MAY_IMPORT = {"errors", "seeds", "sharding", "models"}
-CONFIGS_MAY_IMPORT = {"mirage_jax.errors", "mirage_jax.data.synthetic", "mirage_jax.data.world_config"}
+CONFIGS_MAY_IMPORT = {"mirage_jax.errors"}
 HEAVY = ("jax", "flax", "optax", "orbax", "tensorflow", "tensorflow_datasets")
 
 

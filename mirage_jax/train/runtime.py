@@ -151,6 +151,9 @@ def run_config(source: str | os.PathLike) -> ml_collections.ConfigDict:
   `source` is a run directory (its `config.json`), its `checkpoints/` folder or one step directory (the
   config saved in that step's — or the latest step's — `meta` item)."""
   path = pathlib.Path(source)
+  if not path.exists():
+    raise MissingFileError(f"{source} not found: expected a run directory, its checkpoints/ folder or a step "
+                           "directory")
   if (path / "config.json").is_file():
     return configlib.from_json((path / "config.json").read_text())
   try:
