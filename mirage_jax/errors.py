@@ -27,6 +27,10 @@ class CheckpointError(UserError, ValueError):
   """A checkpoint or run directory that is missing, incomplete, or does not match the config."""
 
 
+class StorageError(UserError, OSError):
+  """The filesystem refused a write the run needs (full disk, read-only or removed directory)."""
+
+
 class MissingFileError(UserError, FileNotFoundError):
   """A file or directory the user named does not exist."""
 

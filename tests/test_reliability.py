@@ -4,6 +4,8 @@ checkpoints, and user errors that print one line (issue 8)."""
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,7 +97,7 @@ def test_fault_specs_parse(spec, want):
   assert faults.parse(spec) == want
 
 
-@pytest.mark.parametrize("spec", ["kill", "stop@step_done:3", "kill@", "kill@step_done:three", "kill@:3"])
+@pytest.mark.parametrize("spec", ["kill", "pause@step_done:3", "kill@", "kill@step_done:three", "kill@:3"])
 def test_bad_fault_specs_are_usage_errors(spec):
   with pytest.raises(errors.UsageError, match="ACTION@POINT"):
     faults.parse(spec)
@@ -197,3 +199,158 @@ def test_bad_configs_fail_before_training(tmp_path, data_dir, base_run, extra, m
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert message in proc.stderr.strip().splitlines()[-1]
   assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+
+
+# --------------------------------------------------------------------------- operations (issue 19)
+def test_second_writer_exits_2_naming_the_holder(tmp_path, data_dir):
+  """A relaunched job whose old process is alive: the second writer stops at once, one line, exit 2."""
+  workdir = tmp_path / "run"
+  args = train_args("configs/sft/posthoc.py:tiny", workdir, "--config.total_steps=400", "--config.checkpoint_every=2")
+  first = start(args)
+  try:
+    wait_for_checkpoint(workdir, first, 2)
+    second = mirage(*args, check=False)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    line = second.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"mirage train: error: {workdir} is in use by pid {first.pid} on "), line
+    evaluate = mirage("eval", f"--workdir={workdir}", check=False)  # an eval writing into the run: refused too
+    assert evaluate.returncode == 2 and f"in use by pid {first.pid}" in evaluate.stderr
+  finally:
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+  assert first.returncode == 0  # the holder was never disturbed
+
+
+def _tmp_dirs(workdir: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name)
+
+
+def _kill_inside_save(tmp_path, config: str, extra=()):
+  """SIGKILL while the asynchronous save of step 8 is being written (its temporary directory on disk): the
+  rerun resumes from step 4, removes the leftovers and ends bitwise equal to an uninterrupted run."""
+  args = lambda w: train_args(config, w, "--config.total_steps=12", "--config.checkpoint_every=4", *extra)  # noqa: E731
+  straight = tmp_path / "straight"
+  mirage(*args(straight))
+  killed = tmp_path / "killed"
+  proc = start(args(killed), env={"MIRAGE_FAULT": "kill@save_started:8"})
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == -signal.SIGKILL, err[-2000:]
+  assert _tmp_dirs(killed), "the kill should leave the save of step 8 half written"
+  assert checksum(killed)["step"] == 4  # the half-written step is not a checkpoint
+  rerun = mirage(*args(killed))
+  assert "at step 4" in rerun.stderr
+  assert not _tmp_dirs(killed)
+  assert checksum(killed) == checksum(straight)
+
+
+@pytest.mark.parametrize("method", ["sft", "npo", "rmu"])
+def test_kill_inside_an_async_save_resumes_bitwise(tmp_path, base_run, method):
+  if method == "sft":
+    _kill_inside_save(tmp_path, "configs/sft/posthoc.py:tiny")
+  else:
+    _kill_inside_save(tmp_path, f"configs/unlearn/{method}.py:tiny", extra=(f"--config.init_from={base_run}",))
+
+
+@pytest.mark.slow
+def test_soak_many_kills_of_one_run(tmp_path, data_dir):
+  """A run saving every step, SIGKILLed five times (inside saves and between steps), then finished: the
+  same params as an uninterrupted run."""
+  args = lambda w: train_args("configs/sft/posthoc.py:tiny", w, "--config.total_steps=16",  # noqa: E731
+                              "--config.checkpoint_every=1")
+  straight = tmp_path / "straight"
+  mirage(*args(straight))
+  soaked = tmp_path / "soaked"
+  for fault in ("kill@save_started:3", "kill@step_done:6", "kill@save_started:8", "kill@save_started:11",
+                "kill@step_done:14"):
+    proc = start(args(soaked), env={"MIRAGE_FAULT": fault})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, f"{fault}: {err[-2000:]}"
+  mirage(*args(soaked))
+  assert checksum(soaked) == checksum(straight)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+  """A 64 MiB tmpfs (root and mount rights needed; skipped otherwise), unmounted after the test."""
+  mnt = tmp_path / "fs"
+  mnt.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  try:
+    yield mnt
+  finally:
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(path: pathlib.Path) -> None:
+  with (path / "filler").open("wb") as f:
+    try:
+      while True:
+        f.write(b"\0" * 2**20)
+        f.flush()
+    except OSError:
+      pass
+
+
+def _wait_stopped(proc: subprocess.Popen, timeout=240) -> None:
+  t = time.time()
+  while pathlib.Path(f"/proc/{proc.pid}/stat").read_text().split(")")[1].split()[0] != "T":
+    if proc.poll() is not None or time.time() - t > timeout:
+      raise AssertionError(f"the run did not pause: {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}")
+    time.sleep(0.05)
+
+
+STORAGE_RUN = ("--config.total_steps=8", "--config.checkpoint_every=2")
+
+
+@pytest.fixture(scope="module")
+def straight_storage_run(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp("straight")
+  mirage(*train_args("configs/sft/posthoc.py:tiny", workdir, *STORAGE_RUN))
+  return checksum(workdir)
+
+
+@pytest.mark.parametrize("fault", ["full", "removed"])
+def test_storage_faults_during_a_save(tmp_path, small_fs, straight_storage_run, fault):
+  """The disk fills up / loses the checkpoint directory under a running job: one clear error (exit 2), the
+  last committed checkpoint intact, and the rerun resumes from it to the same params. (A read-only remount
+  cannot be tested this way: Linux refuses it while the paused run holds files open for writing.)
+
+  The run pauses itself (`stop@save_started:6`: steps 2 and 4 are committed, Orbax having waited for them,
+  and the save of 6 is in flight) while the test changes the filesystem; then it continues into the fault."""
+  args = train_args("configs/sft/posthoc.py:tiny", small_fs / "run", *STORAGE_RUN)
+  workdir = small_fs / "run"
+  proc = start(args, env={"MIRAGE_FAULT": "stop@save_started:6"})
+  _wait_stopped(proc)
+  assert checkpoint_steps(workdir) >= {2, 4}
+  if fault == "full":
+    _fill(small_fs)
+  else:
+    shutil.copytree(workdir / "checkpoints", tmp_path / "saved_checkpoints")
+    shutil.rmtree(workdir / "checkpoints")
+  proc.send_signal(signal.SIGCONT)
+  _, err = proc.communicate(timeout=300)
+  # Orbax's background threads log their own failures above; nothing of mirage's raises a traceback.
+  assert proc.returncode == 2 and "mirage_jax/" not in err, err[-3000:]
+  line = err.strip().splitlines()[-1]
+  failed = re.match(r"mirage train: error: saving checkpoint step (6|8) in \S+ failed: (.*)", line)
+  assert failed, line
+  if fault == "removed":
+    assert "removed while the run was using it" in line or "No such file" in line, line
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+    shutil.copytree(tmp_path / "saved_checkpoints", workdir / "checkpoints")  # the operator puts it back
+    committed = 4
+  else:
+    assert "No space left on device" in line, line
+    committed = int(failed.group(1)) - 2
+    assert f"the last committed checkpoint, step {committed}, is intact" in line, line
+    (small_fs / "filler").unlink()
+  assert checksum(workdir)["step"] == committed
+  rerun = mirage(*args)
+  assert f"at step {committed}" in rerun.stderr
+  assert checksum(workdir) == straight_storage_run
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> set[int]:
+  return {int(p.name) for p in (workdir / "checkpoints").iterdir()
+          if p.name.isdigit() and (p / "commit_success.txt").exists()}

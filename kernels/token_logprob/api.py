@@ -11,7 +11,10 @@ Implementations (`implementation=`):
 `implementation=None` tries the backend's order (`DEFAULT_ORDER`) and warns on each fallback; a sequence is
 tried in the order given; a single name fails fast with the reason it cannot run.
 
-Sharding: pass `layout=Layout(mesh, token_axes=..., vocab_axis=..., embed_axes=...)` when h / w are sharded
+Sharding: without `layout=`, the layout is read from the inputs' own shardings (`infer_layout`: concrete
+sharded arrays, or explicit-axis traced ones); where it cannot be read under a multi-device mesh, a Pallas
+implementation raises an error naming `layout=`. Or pass `layout=Layout(mesh, token_axes=..., vocab_axis=...,
+embed_axes=...)` when h / w are sharded
 (labels and h over `token_axes` on their first axis, w's vocabulary over `vocab_axis`, w's width over
 `embed_axes`). The kernels then run per shard inside `jax.shard_map` (a Pallas call never sees a globally
 sharded array): w is all-gathered over `embed_axes`, the per-shard logsumexps are combined with pmax / psum
@@ -173,6 +176,57 @@ def _fused(kernel: ModuleType, blocks: BlockSizes, layout: Layout | None) -> Cal
   return fused
 
 
+def _axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _sharding_of(x) -> jax.sharding.NamedSharding | None:
+  """A concrete array's NamedSharding, or a traced one's (explicit mesh axes only); None if unknown."""
+  if not isinstance(x, jax.core.Tracer):
+    sharding = getattr(x, "sharding", None)
+    return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.empty:
+    return None
+  explicit = all(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types)
+  return sharding if explicit else None  # on auto axes the traced spec says nothing about the real split
+
+
+def infer_layout(h: Array, w: Array, *, implementation: str | Sequence[str] | None = None) -> Layout | None:
+  """The `Layout` that h's and w's own shardings describe (None when neither is split over devices).
+
+  Read from concrete arrays, or from traced ones whose mesh axes are explicit. Under an ambient mesh of
+  several devices whose shardings cannot be read (traced arrays on auto axes), the Pallas kernel cannot run
+  (Mosaic refuses to be partitioned automatically): that is an error naming `layout=Layout(...)`; the XLA
+  implementations are partitioned by XLA and need no layout.
+  """
+  hs, ws = _sharding_of(h), _sharding_of(w)
+  sharded = [sh for sh in (hs, ws) if sh is not None and sh.mesh.size > 1]
+  if sharded:
+    mesh = sharded[0].mesh
+    h_spec = tuple(hs.spec) + (None,) * h.ndim if hs is not None and hs.mesh.size > 1 else (None,) * h.ndim
+    w_spec = tuple(ws.spec) + (None,) * 2 if ws is not None and ws.mesh.size > 1 else (None, None)
+    vocab = _axes(w_spec[1])
+    if len(vocab) > 1 or _axes(h_spec[h.ndim - 1]):
+      raise UnsupportedError(f"token_logprob: cannot read a layout from h spec {hs and hs.spec} and w spec "
+                             f"{ws and ws.spec} (the vocabulary may be split over one mesh axis, h's width over "
+                             "none); pass layout=Layout(mesh, token_axes=..., vocab_axis=..., embed_axes=...)")
+    tokens = tuple(a for entry in h_spec[:h.ndim - 1] for a in _axes(entry))
+    return Layout(mesh, token_axes=tokens, vocab_axis=vocab[0] if vocab else None, embed_axes=_axes(w_spec[0]))
+  ambient = jax.sharding.get_abstract_mesh()
+  wants_pallas = implementation == "pallas_tpu" or (not isinstance(implementation, str) and implementation
+                                                    is not None and "pallas_tpu" in implementation) or (
+      implementation is None and _platform(None) == "tpu")
+  if wants_pallas and not ambient.empty and ambient.size > 1 and (hs is None or ws is None):
+    names = ", ".join(f"{n}={s}" for n, s in ambient.shape.items())
+    raise UnsupportedError(
+        f"token_logprob under a mesh of {ambient.size} devices ({names}): the shardings of h and w are not "
+        "visible here, and a Pallas kernel cannot be partitioned automatically. Pass how they are split, e.g. "
+        "layout=Layout(mesh, token_axes=(\"data\",), vocab_axis=\"tensor\", embed_axes=()) "
+        "(mirage_kernels.Layout), or call it on concrete sharded arrays")
+  return None
+
+
 def _platform(layout: Layout | None) -> str:
   """The platform the computation is for: the devices of the layout's mesh, else of the ambient mesh
   (`jax.set_mesh`), when known (AOT for a TPU topology from a CPU host); else JAX's default backend."""
@@ -237,6 +291,8 @@ def token_logprob_and_lse(h: Array, w: Array, labels: Array, *,
   lead, (width, vocab) = tuple(labels.shape), w.shape
   h_nd, labels_n, w_dv = h.reshape(-1, width), labels.reshape(-1).astype(jnp.int32), w.astype(h.dtype)
   tokens = h_nd.shape[0]
+  if layout is None:
+    layout = infer_layout(h, w, implementation=implementation)
   if layout is not None:
     layout.check(tokens=tokens, width=width, vocab=vocab)
   local = dict(tokens=tokens // (layout.size(layout.token_axes) if layout else 1), width=width,

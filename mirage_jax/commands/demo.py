@@ -30,7 +30,7 @@ from mirage_jax.commands import sweep
 from mirage_jax.data import pipeline
 from mirage_jax.eval import runner
 from mirage_jax.report import document
-from mirage_jax.train import checkpoint, loop, metrics as metrics_lib, runtime
+from mirage_jax.train import checkpoint, lease, loop, metrics as metrics_lib, runtime
 
 log = logging.getLogger("mirage")
 
@@ -121,8 +121,9 @@ class StageRunner:
       if key not in self._evaluators:
         self._evaluators[key] = runner.SafetyEvaluator(setup, config)
       params = runtime.load_params(setup, str(run_dir))
-      metrics = self._evaluators[key](params, responses_path=run_dir / "responses.jsonl")
-      eval_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+      with lease.hold(run_dir, what=f"mirage demo (eval of {method})"):
+        metrics = self._evaluators[key](params, responses_path=run_dir / "responses.jsonl")
+        eval_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
     self.timing[f"{method}/s{config.seed}"] = time.time() - t
     log.warning("%s %s: done in %.0f s", label, method, time.time() - t)
     return StageRun(run_dir=run_dir, fingerprint=fp, metrics=json.loads(eval_path.read_text()))

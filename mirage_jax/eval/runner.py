@@ -16,7 +16,7 @@ from mirage_configs import comma_list
 from mirage_jax import configlib
 from mirage_jax.data import pipeline
 from mirage_jax.eval import generation, judges, safety
-from mirage_jax.train import runtime, scoring
+from mirage_jax.train import lease, runtime, scoring
 
 log = logging.getLogger("mirage")
 
@@ -86,14 +86,14 @@ def evaluate_run(*, workdir: str | None = None, checkpoint: str | None = None, c
   else:  # beside the run, not inside Orbax's step directory: <run>/eval/<step>
     ckpt = pathlib.Path(checkpoint).absolute()
     out_dir = ckpt.parent.parent / "eval" / ckpt.name
-  out_dir.mkdir(parents=True, exist_ok=True)
-  t = time.time()
-  evaluator = SafetyEvaluator(setup, config)
-  results = {"source": str(source), **evaluator(params, responses_path=out_dir / "responses.jsonl")}
-  names = comma_list(splits or config.eval.splits)
-  results["teacher_forced"] = teacher_forced_eval(setup, params, config, names)
-  results["eval_s"] = time.time() - t
-  if jax.process_index() == 0:
-    (out_dir / "eval.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+  with lease.hold(out_dir, what="mirage eval"):  # not while a trainer (or another eval) writes there
+    t = time.time()
+    evaluator = SafetyEvaluator(setup, config)
+    results = {"source": str(source), **evaluator(params, responses_path=out_dir / "responses.jsonl")}
+    names = comma_list(splits or config.eval.splits)
+    results["teacher_forced"] = teacher_forced_eval(setup, params, config, names)
+    results["eval_s"] = time.time() - t
+    if jax.process_index() == 0:
+      (out_dir / "eval.json").write_text(json.dumps(results, indent=1, sort_keys=True))
   return results
 

@@ -11,12 +11,14 @@ SIGTERM), or when Orbax reports a preemption (`reached_preemption`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import pathlib
+import re
 import time
 from typing import Any
 
@@ -26,6 +28,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mirage_jax.errors import CheckpointError, MissingFileError
+from mirage_jax.train import faults
 from mirage_jax.train.state import TrainState
 
 ITEMS = ("params", "train", "data", "meta")
@@ -53,6 +56,8 @@ class Checkpointer:
         create=True,
     )
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self._pending: int | None = None  # the step of the last save started
+    self._failed: CheckpointError | None = None
 
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()
@@ -67,10 +72,18 @@ class Checkpointer:
     return self._mgr.reached_preemption(step)
 
   def save(self, step: int, state: TrainState, *, data: dict, meta: dict, force: bool = False) -> bool:
+    """Start an asynchronous save of `step`. A storage failure (full disk, read-only or vanished directory)
+    of this save or of the one before it is a `CheckpointError`; committed steps are never touched."""
+    if not self.directory.is_dir():
+      raise self._failure(step, "the checkpoint directory was removed while the run was using it")
     train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng, "extras": state.extras}
-    return self._mgr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
-        data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)), force=force)
+    args = ocp.args.Composite(params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
+                              data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
+    started = self._guarded(step, lambda: self._mgr.save(step, args=args, force=force))
+    if started:
+      self._pending = step
+      faults.trigger("save_started", step=step)  # the save is in flight: its temporary directory exists
+    return started
 
   def restore(self, step: int, *, target: TrainState) -> Restored:
     """Restore onto `target` (a TrainState of ShapeDtypeStructs carrying the shardings to restore into)."""
@@ -101,11 +114,56 @@ class Checkpointer:
     return None
 
   def wait(self) -> None:
-    self._mgr.wait_until_finished()
+    self._guarded(self._pending, self._mgr.wait_until_finished)
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    """Finish the save in flight and close. After a failure already raised, a second report of the same
+    failure is logged, not raised (it would hide the first)."""
+    try:
+      self.wait()
+    except CheckpointError as e:
+      if self._failed is None:
+        raise
+      logging.warning("while closing: %s", e)
+    finally:
+      with contextlib.suppress(Exception):
+        self._mgr.close()
+
+  def _guarded(self, step: int | None, fn):
+    try:
+      return fn()
+    except Exception as e:  # noqa: BLE001 - storage errors become one user-facing message, others re-raise
+      if not _storage_error(e):
+        raise
+      text = " ".join(str(c) for c in _chain(e))
+      written = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)  # the save that failed may be the one before
+      reason = _STORAGE_ERRORS.search(text)
+      raise self._failure(int(written.group(1)) if written else step,
+                          reason.group(0) if reason else text.strip().splitlines()[-1][:200]) from e
+
+  def _failure(self, step: int | None, reason: str) -> CheckpointError:
+    good = latest_step_on_disk(self.directory)
+    kept = f"the last committed checkpoint, step {good}, is intact" if good is not None else "no step was committed"
+    self._failed = CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {reason}; {kept} "
+                                   "and a rerun resumes from it")
+    return self._failed
+
+
+_STORAGE_ERRORS = re.compile(r"No space left on device|Read-only file system|Permission denied|"
+                             r"No such file or directory|Disk quota exceeded|Input/output error")
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+  out = []
+  while e is not None and len(out) < 16:
+    out.append(e)
+    e = e.__cause__ or e.__context__
+  return out
+
+
+def _storage_error(e: BaseException) -> bool:
+  """Whether `e` (or what caused it) is the filesystem refusing a write: full, read-only, gone."""
+  return any(isinstance(c, OSError) or _STORAGE_ERRORS.search(str(c)) for c in _chain(e))
 
 
 def latest_step_on_disk(directory: str | os.PathLike) -> int | None:

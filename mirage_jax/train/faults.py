@@ -4,11 +4,15 @@ The environment variable `MIRAGE_FAULT` names what to do and where, as `ACTION@P
 separated by commas:
 
   MIRAGE_FAULT="kill@step_done:3"   SIGKILL this process when `trigger("step_done", step=3)` is reached
+  MIRAGE_FAULT="kill@save_started:8"  SIGKILL it while the asynchronous save of step 8 is being written
 
-`kill` is the only action: the process sends itself SIGKILL (no handler runs, nothing is flushed or saved,
-exactly like the OOM killer or a lost host). Without `:STEP` the first call at POINT fires. The training loop
-calls `trigger("step_done", step=step)` after each optimizer step (the step counter already incremented), so
-a test can kill a run between two known steps instead of after a guessed sleep.
+Actions: `kill` — the process sends itself SIGKILL (no handler runs, nothing is flushed or saved, exactly like
+the OOM killer or a lost host); `stop` — it sends itself SIGSTOP, so a test can change the world under a paused
+run (fill its disk, remount it read-only, remove its checkpoints) and SIGCONT it. Without `:STEP` the first
+call at POINT fires. Points: the training loop calls `trigger("step_done", step=step)` after each optimizer
+step (the step counter already incremented); `train.checkpoint.Checkpointer.save` calls
+`trigger("save_started", step=step)` once an asynchronous save is in flight (its temporary directory exists).
+So a test kills a run between two known steps, or inside a save, instead of after a guessed sleep.
 
 The variable is read and parsed once per process; unset (the normal case), `trigger` is one dict lookup.
 A malformed value is a `UsageError` at the first `trigger` call.
@@ -26,7 +30,7 @@ from mirage_configs import comma_list
 from mirage_jax import errors
 
 ENV = "MIRAGE_FAULT"
-ACTIONS = ("kill",)
+ACTIONS = ("kill", "stop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,4 +75,4 @@ def _fire(fault: Fault, info: dict) -> None:
   sys.stdout.flush()
   sys.stderr.write(f"{ENV}: {fault.action} at {fault.point} {info}\n")
   sys.stderr.flush()
-  os.kill(os.getpid(), signal.SIGKILL)
+  os.kill(os.getpid(), signal.SIGKILL if fault.action == "kill" else signal.SIGSTOP)

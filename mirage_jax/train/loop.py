@@ -16,6 +16,7 @@ import json
 import logging
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -29,7 +30,7 @@ from mirage_configs import comma_list
 from mirage_jax import configlib, seeds
 from mirage_jax.data import pipeline
 from mirage_jax.losses import Loss, make_loss
-from mirage_jax.train import checkpoint, faults, metrics as metrics_lib, scoring
+from mirage_jax.train import checkpoint, faults, lease, metrics as metrics_lib, scoring
 from mirage_jax.train.runtime import RunError, Setup, check_run, compile_step, log_memory, plan_state, setup
 from mirage_jax.train.state import ModelSpec, TrainState, init_params, new_rng, shardings_of
 
@@ -67,11 +68,14 @@ class _Run:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSummary:
-  """Train `config` in `workdir` (resuming from its latest good checkpoint) to `config.total_steps`."""
+  """Train `config` in `workdir` (resuming from its latest good checkpoint) to `config.total_steps`.
+
+  The workdir's lease (`train.lease`) is held throughout: a second writer fails at once naming this one."""
   t_start = time.time()
-  r = _prepare(config, pathlib.Path(workdir))
-  step_fn = _compile(r)
-  return _train(r, step_fn, t_start=t_start, compile_s=time.time() - t_start)
+  with lease.hold(workdir, what=f"mirage train (loss {config.loss.name})"):  # one writer per workdir
+    r = _prepare(config, pathlib.Path(workdir))
+    step_fn = _compile(r)
+    return _train(r, step_fn, t_start=t_start, compile_s=time.time() - t_start)
 
 
 # --------------------------------------------------------------------------- phase 1: prepare
@@ -203,8 +207,7 @@ def _train(r: _Run, step_fn, *, t_start: float, compile_s: float) -> RunSummary:
   finally:
     term.restore()
     bar.close()
-    r.ckpt.close()
-    writer.close()
+    _close_all(r.ckpt.close, writer.close)
   wall = time.time() - t_start
   return RunSummary(workdir=str(r.workdir), first_step=first, last_step=step, final=last_logged,
                     eval=eval_results, wall_s=wall, compile_s=compile_s,
@@ -248,6 +251,22 @@ def _steps(r: _Run, step_fn, hooks: _Hooks, first: int, term: "_SigtermFlag") ->
 
 def _eval_splits(config: ml_collections.ConfigDict) -> list[str]:
   return comma_list(config.eval.splits)
+
+
+def _close_all(*closers) -> None:
+  """Run every closer; while an exception is propagating, a closer's own failure (often the same full disk)
+  is logged instead of replacing it; otherwise the first failure is raised after all ran."""
+  failing = sys.exc_info()[1] is not None
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001 - reported below
+      if failing:
+        logging.warning("while stopping: %s", e)
+      first = first or e
+  if first is not None and not failing:
+    raise first
 
 
 class _SigtermFlag:

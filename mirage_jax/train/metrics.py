@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 
 import tqdm
 
-from mirage_jax.errors import UserError
+from mirage_jax.errors import StorageError, UserError
 
 
 class NonFiniteLoss(UserError, RuntimeError):
@@ -38,6 +39,7 @@ class MetricWriter:
     if not enabled:
       return
     workdir = pathlib.Path(workdir)
+    self.workdir = workdir
     workdir.mkdir(parents=True, exist_ok=True)
     self._file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
     if tensorboard:
@@ -49,17 +51,27 @@ class MetricWriter:
       return
     row = {"step": int(step), "split": prefix, "time": round(time.time(), 3)}
     row.update({k: float(v) for k, v in metrics.items()})
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
-    if self._tb is not None:
-      for k, v in metrics.items():
-        self._tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
+    with self._storage("writing"):
+      self._file.write(json.dumps(row) + "\n")
+      self._file.flush()
+      if self._tb is not None:
+        for k, v in metrics.items():
+          self._tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
 
   def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-    if self._tb is not None:
-      self._tb.close()
+    with self._storage("closing"):
+      if self._file is not None:
+        self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+
+  @contextlib.contextmanager
+  def _storage(self, what: str):
+    """A refused write (full disk, read-only workdir) is one user-facing `StorageError`."""
+    try:
+      yield
+    except OSError as e:
+      raise StorageError(f"{what} metrics in {self.workdir} failed: {e.strerror or e}") from e
 
 
 def truncate_after(workdir: str | os.PathLike, step: int) -> int:
