@@ -138,8 +138,10 @@ class Checkpointer:
       text = " ".join(str(c) for c in _chain(e))
       written = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)  # the save that failed may be the one before
       reason = _STORAGE_ERRORS.search(text)
-      raise self._failure(int(written.group(1)) if written else step,
-                          reason.group(0) if reason else text.strip().splitlines()[-1][:200]) from e
+      why = reason.group(0) if reason else text.strip().splitlines()[-1][:200]
+      if why.startswith("NOT_FOUND"):
+        why = "files of the checkpoint being written vanished (was its directory removed?)"
+      raise self._failure(int(written.group(1)) if written else step, why) from e
 
   def _failure(self, step: int | None, reason: str) -> CheckpointError:
     good = latest_step_on_disk(self.directory)
@@ -150,7 +152,8 @@ class Checkpointer:
 
 
 _STORAGE_ERRORS = re.compile(r"No space left on device|Read-only file system|Permission denied|"
-                             r"No such file or directory|Disk quota exceeded|Input/output error")
+                             r"No such file or directory|Disk quota exceeded|Input/output error|"
+                             r"NOT_FOUND: Error (?:writing|reading)")  # tensorstore: a file vanished mid-save
 
 
 def _chain(e: BaseException | None) -> list[BaseException]:
