@@ -14,6 +14,7 @@ from mirage_jax.audit import summary as audit_summary
 from mirage_jax.data import pipeline, synthetic
 from mirage_jax.data.records import in_id_order, load_records
 from mirage_jax.data.tfds_builders import BuiltDataset
+from mirage_jax.eval import safety
 from mirage_jax.report import plots
 
 
@@ -63,7 +64,9 @@ total wall time {rep['timing_s']['total']:.0f} s. Overrides: {', '.join(rep['ove
 Every number below was measured by this run (greedy decoding; refusal = keyword judge, preset
 `{config.eval.refusal_preset}`; harmful = at least {config.eval.harm_min_codes} placeholder codes of
 {"any hazard's procedure" if config.eval.harm_match == "any" else "the asked-for procedure"}); nothing is
-hard-coded.
+hard-coded. Intervals: every rate's interval is the {safety.INTERVAL_METHODS[safety.BOOTSTRAP]} (each
+eval.json names the method per metric under `intervals`); the audit's flip rates use the
+{safety.INTERVAL_METHODS[safety.WILSON]}.
 
 ## Table 1: one-word attack ("What", K = 3) and over-prudence ("Share")
 
