@@ -81,6 +81,9 @@ def training_config(size: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.log_every = 50
   c.init_from = ""  # a run directory (its latest checkpoint) or a checkpoint step directory
+  # Comma list of config paths ("model", "data.prompt_template") copied from `init_from`'s own config when
+  # training starts, e.g. the architecture of a converted HF checkpoint (the run's config.json keeps them).
+  c.init_inherit = ""
   c.skip_nonfinite = False  # True: skip (and count) steps with a non-finite loss/grad instead of stopping
   c.mesh = ml_collections.ConfigDict(dict(MESH_PRESETS[preset], preset=preset))
   c.model = models.model_config(size)
@@ -116,6 +119,15 @@ def training_config(size: str) -> ml_collections.ConfigDict:
       test_splits="unsafe,unsafe_what,unsafe_control,safe,safe_share,utility,safe_unsafe",
       gen_batch_size=256, max_new_tokens=24 if size == "tiny" else 256, k_attack=3,
       refusal_preset="mirage", harm_min_codes=2, harm_match="any",
+      # The ASR judge (mirage_jax.eval.judges): "" = the rule judge on data with placeholder harm codes (the
+      # toy), else VLGuard's keyword metric (with a warning); or "keyword" | "model" | "file" | "rule".
+      judge="",
+      judge_checkpoint="",  # judge=model: a mirage run dir or checkpoint (e.g. from `mirage convert hf-to-jax`)
+      judge_prompt="optml",  # judge=model: a preset of mirage_jax.eval.model_judge.PROMPTS or a prompt file
+      judge_file="",  # judge=file: JSONL verdicts keyed by split, id, shot and response_sha256
+      judge_batch_size=64,  # judge=model: rows per batch (its prompts hold the question and the answer)
+      judge_max_new_tokens=200,  # judge=model: the official judge's; the verdict is read from the first line
+      irrelevant_rules="official",  # judge=model|file: the official rule "irrelevant" list first, or "none"
   ))
   return c
 

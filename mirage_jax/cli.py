@@ -12,6 +12,8 @@
   mirage report   --runs=DIR [DIR ...] [--out=DIR]   (table + plot over every eval.json)
   mirage audit    --data=synth:sft --out=DIR   (shortcut words of a dataset)
   mirage attack   --checkpoint=RUN --split=unsafe --search=beam --out=DIR
+  mirage generate --workdir=BASE (--split=sft --kinds=unsafe_image | --input=train.json) --out=C.jsonl
+  mirage select   --candidates=C.jsonl --judge_checkpoint=JUDGE --out=harmful_responses.json
 
 User errors (bad config key, missing file, bad data) print one line `mirage: error: ...` and exit 2; set
 MIRAGE_DEBUG=1 for the traceback.
@@ -20,10 +22,12 @@ MIRAGE_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from mirage_jax.errors import UsageError, UserError
@@ -160,6 +164,9 @@ def _data(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seque
   stats = sub.add_parser("stats", help="first word x label table of a split")
   stats.add_argument("--split", default="sft")
   stats.add_argument("--path", default="", help="a built dataset directory (default: the config's)")
+  stats.add_argument("--name", default="", choices=["", "mirage_synth", "vlguard"],
+                     help="vlguard: the newest VLGuard build under --data_dir (or --path): split sizes, notes, "
+                          "a table per instruction kind and a closing JSON line")
   for p in (build, stats):
     p.add_argument("--config", default="configs/pretrain/base.py:tiny",
                    help="config whose data.* (world knobs) to use; --config.data.world.x=v overrides")
@@ -317,6 +324,62 @@ def _convert(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Se
   return 0 if out.get("ok", True) else 1
 
 
+@command("generate", "sample N candidate responses per query (forget-set construction), resumable JSONL")
+def _generate(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
+  group = parser.add_mutually_exclusive_group(required=True)
+  group.add_argument("--workdir", help="a run directory (its latest checkpoint), e.g. a converted base model")
+  group.add_argument("--checkpoint", help="a checkpoint step directory (.../checkpoints/<step>)")
+  parser.add_argument("--config", help="config spec to use instead of the run's saved config")
+  parser.add_argument("--split", default="", help="a split of the run's dataset (--config.data.path=BUILT)")
+  parser.add_argument("--kinds", default="", help="only these instruction kinds of --split (e.g. unsafe_image)")
+  parser.add_argument("--input", default="", help="a VLGuard-format JSON (train.json): its unsafe images' queries")
+  parser.add_argument("--image_dir", action="append", default=[],
+                      help="more folders to find --input's images in (default: <dir>/train, <dir>)")
+  parser.add_argument("--tokenizer", default="", help="tokenizer dir for --input (default: the checkpoint's)")
+  parser.add_argument("--aspect", default="pad", choices=["pad", "crop"], help="--input image squaring")
+  parser.add_argument("--lenient", action="store_true", help="skip (and count) unusable --input records")
+  parser.add_argument("--out", required=True, help="JSONL, one row per query (appended: reruns resume)")
+  parser.add_argument("--num_candidates", type=int, default=4)
+  parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (then --num_candidates=1)")
+  parser.add_argument("--top_p", type=float, default=0.9)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--limit", type=int, default=0, help="only the first N queries (0: all)")
+  _add_distributed_flags(parser)
+  args = parser.parse_args(argv)
+  _init_distributed(args)
+  from mirage_jax.commands import generate
+  _print_json(generate.generate(
+      out=args.out, workdir=args.workdir, checkpoint=args.checkpoint, config_spec=args.config, overrides=overrides,
+      split=args.split, input_json=args.input, kinds=args.kinds, image_dirs=args.image_dir,
+      tokenizer=args.tokenizer, aspect=args.aspect, lenient=args.lenient, num_candidates=args.num_candidates,
+      temperature=args.temperature, top_p=args.top_p, seed=args.seed, limit=args.limit))
+  return 0
+
+
+@command("select", "a judge model picks the most harmful candidate per image -> the harmful_responses JSON")
+def _select(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
+  parser.add_argument("--candidates", nargs="+", action="extend", default=[], required=True,
+                      help="mirage generate JSONL file(s), merged per image in this order (e.g. one per model)")
+  parser.add_argument("--judge_checkpoint", default="", help="the judge: a converted HF LLaVA or LLaMA checkpoint "
+                                                            "(--config.* overrides apply to it)")
+  parser.add_argument("--out", required=True, help="the harmful_responses JSON (image -> response)")
+  parser.add_argument("--prompt", default="", help="a preset (default optml_harmful: the official selection "
+                                                   "prompt of OPTML-Group/VLM-Safety-Unlearn) or a prompt file")
+  parser.add_argument("--judge_batch_size", type=int, default=64, help="judge rows per batch")
+  parser.add_argument("--max_new_tokens", type=int, default=100, help="judge answer length (the official: 100)")
+  _add_distributed_flags(parser)
+  args = parser.parse_args(argv)
+  _init_distributed(args)
+  from mirage_jax.commands import generate
+  from mirage_jax.eval import select
+  summary = generate.select(candidates=args.candidates, out=args.out, judge_checkpoint=args.judge_checkpoint,
+                            prompt=args.prompt, overrides=overrides, judge_batch_size=args.judge_batch_size,
+                            max_new_tokens=args.max_new_tokens)
+  _print_json(summary)
+  print(select.summary_line(summary), file=sys.stderr)
+  return 0
+
+
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("multi-host (default: detected from the TPU/SLURM environment)")
   g.add_argument("--coordinator_address", default="")
@@ -341,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  program = argv is None  # run as the `mirage` program (not called with arguments from Python)
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides = [a for a in argv if a.startswith("--config.")]
   rest = [a for a in argv if not a.startswith("--config.") and a not in ("-v", "--verbose")]
@@ -355,8 +419,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UserError as e:  # a user's mistake is one line; anything else keeps its traceback
     if os.environ.get("MIRAGE_DEBUG"):
       raise
-    print(f"mirage {name}: error: {e}", file=sys.stderr)
-    return 2
+    message, abandon = f"mirage {name}: error: {e}", e.abandon_process
+  # The failed command's frames are gone now: collecting them lets libraries that log what they leave behind
+  # (asyncio's "exception was never retrieved" from a failed background save) do so above the one error line;
+  # the "coroutine was never awaited" warnings of that garbage would name this line, so they are not shown.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    gc.collect()
+  print(message, file=sys.stderr)
+  if abandon and program:  # see UserError.abandon_process; never from a caller's own process (tests)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
+  return 2
 
 
 if __name__ == "__main__":

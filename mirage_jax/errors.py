@@ -12,7 +12,13 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-  """A mistake in the user's input (config, data, checkpoint, command line): reported as one line."""
+  """A mistake in the user's input (config, data, checkpoint, command line): reported as one line.
+
+  `abandon_process`: set on an error raised while background writers have failed (a checkpoint save cut by a
+  full or removed disk); the command-line program then exits right after the line, without the interpreter's
+  teardown, where those writers would print their leftovers below the line (or wait for them)."""
+
+  abandon_process: bool = False
 
 
 class ConfigError(UserError, ValueError):

@@ -128,8 +128,11 @@ def torch_llava(out_dir: pathlib.Path, spec_name: str, tokenizer_dir: pathlib.Pa
 
 
 def mirage_llava(out_dir: pathlib.Path, tokenizer_dir: pathlib.Path, *, seed: int = 0,
-                 image_size: int = 16, max_len: int = 512) -> pathlib.Path:
-  """A torch-free HF LLaVA directory: random mirage params written with the converter's HF writer."""
+                 image_size: int = 16, max_len: int = 512, jit_init: bool = False) -> pathlib.Path:
+  """A torch-free HF LLaVA directory: random mirage params written with the converter's HF writer.
+
+  `jit_init`: the random init jitted (about 4x faster than eager on 8 fake devices; slightly different
+  random weights than the eager init of the same seed)."""
   import jax
   from flax import nnx
 
@@ -144,8 +147,10 @@ def mirage_llava(out_dir: pathlib.Path, tokenizer_dir: pathlib.Path, *, seed: in
                 head_dim=8, mlp_dim=64, max_len=max_len),
       image_token_id=tok.image_id)
   cfg = VLMConfig.from_config(block)
-  params = nnx.to_pure_dict(nnx.state(VLM(cfg, rngs=nnx.Rngs(seed))))
-  params = jax.tree.map(np.asarray, params)
+  init = lambda: nnx.to_pure_dict(nnx.state(VLM(cfg, rngs=nnx.Rngs(seed))))  # noqa: E731
+  if jit_init:
+    init = jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})
+  params = jax.tree.map(np.asarray, init())
   out_dir.mkdir(parents=True, exist_ok=True)
   hf_convert.hf_config_from_model(cfg, pad_token_id=tok.pad_id).save_pretrained(str(out_dir))
   hf_convert.write_hf_state(hf_convert.hf_state_from_params(params, cfg), out_dir, max_shard_bytes=1 << 40)

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 LAUNCH = pathlib.Path(__file__).resolve().parent.parent / "launch"
-SCRIPTS = ("lib.sh", "run_on_host.sh", "tpu_vm.sh", "slurm_gpu.sbatch", "local.sh")
+SCRIPTS = ("lib.sh", "run_on_host.sh", "tpu_vm.sh", "slurm_gpu.sbatch", "local.sh", "paper.sh")
 TPU = ["--name=mirage-v5e", "--zone=us-west4-a", "--dry-run"]
 TRAIN = ["train", "--config=configs/unlearn/npo.py:7b", "--workdir=/mnt/runs/npo dir"]
 
@@ -149,3 +149,54 @@ def test_local_fake_devices_single_process():
   assert out[-1].startswith("mirage train --config=c --workdir=w") and "local-worker" in out[-1]
   bad = sh("local.sh", "--devices=many", "--", "train")
   assert bad.returncode == 2 and "--devices must be a number" in bad.stderr
+
+
+# --------------------------------------------------------------------------- paper.sh: the real-weights pipeline
+PAPER = ["--hf=/h/llava", "--vlguard=/v", "--out=/o", "--dry-run"]
+
+
+def test_paper_pipeline_dry_run_in_order():
+  out = lines(sh("paper.sh", *PAPER, "--judge_hf=/h/judge", "--retain_extra=/r/mix.json", "--size=13b",
+                 "--rmu_args=--config.loss.layer=5 --config.total_steps=3"))
+  verbs = [" ".join(shlex.split(line.split(" > ")[0])[1:3]) for line in out]
+  assert verbs == (["convert hf-to-jax"] * 2 + ["generate --workdir=/o/models/base", "select --candidates=/o/forget/candidates.jsonl",
+                    "data build"] + ["train --config=configs/vlguard/" + m + ".py:13b" for m in
+                                     ("posthoc_sft", "mixed_sft", "npo", "rmu")] +
+                   ["eval --workdir=/o/models/base"] + ["eval --workdir=/o/runs/" + m for m in
+                                                        ("posthoc_sft", "mixed_sft", "npo", "rmu")] +
+                   ["convert jax-to-hf"] * 4), out
+  build = next(line for line in out if " data build " in line)
+  assert "--harmful_responses=/o/forget/harmful_responses.json --retain_size=2000 --retain_extra=/r/mix.json" in build
+  assert build.endswith("> /o/data/build.json")
+  rmu = next(line for line in out if "configs/vlguard/rmu.py" in line)
+  assert rmu.endswith("--config.init_from=/o/models/base --config.data.path='$DATA_PATH' --config.loss.layer=5 "
+                      "--config.total_steps=3")
+  assert all("--config.eval.judge=model --config.eval.judge_checkpoint=/o/models/judge" in line
+             for line in out if line.startswith("mirage eval"))
+  assert not any("''" in line for line in out)  # no empty argument from an unset option
+
+
+def test_paper_pipeline_released_sft_models_and_given_responses():
+  out = lines(sh("paper.sh", *PAPER, "--harmful_responses=/r/h.json", "--retain_size=0", "--posthoc_hf=/h/posthoc",
+                 "--mixed_hf=/h/mixed", "--mirage=launch/tpu_vm.sh run --name=x --zone=z --"))
+  assert not any(" generate " in line or " select " in line for line in out)
+  assert "mirage convert hf-to-jax --hf=/h/posthoc --out=/o/models/posthoc_sft" in out
+  trains = [line for line in out if " train " in line]
+  assert [line.split("--config=")[1].split()[0] for line in trains] == ["configs/vlguard/npo.py:7b",
+                                                                        "configs/vlguard/rmu.py:7b"]
+  assert all(line.startswith("launch/tpu_vm.sh run --name=x --zone=z -- train") for line in trains)
+  assert "--workdir=/o/models/posthoc_sft" in next(line for line in out if "eval/posthoc_sft" in line)
+  assert any("--config.eval.judge=keyword" in line for line in out)  # no judge model: VLGuard's metric
+  assert "--harmful_responses=/r/h.json" in next(line for line in out if " data build " in line)
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "--hf, --vlguard and --out are required"),
+    (["--hf=/h", "--vlguard=/v", "--out=/o", "--retain_size=0"], "the select stage needs a judge"),
+    (["--hf=/h", "--vlguard=/v", "--out=/o", "--judge_hf=/j"], "needs --retain_extra"),
+    (["--hf=/h", "--vlguard=/v", "--out=/o", "--judge_hf=/j", "--retain_size=0", "--judge=file"], "--judge_file"),
+    (["--hf=/h", "--vlguard=/v", "--out=/o", "--judge_hf=/j", "--retain_size=0", "--bogus=1"], "unknown option"),
+])
+def test_paper_pipeline_usage_errors(args, message):
+  result = sh("paper.sh", *args, "--dry-run")
+  assert result.returncode == 2 and message in result.stderr.splitlines()[0], result.stderr

@@ -312,12 +312,13 @@ def straight_storage_run(tmp_path_factory, data_dir):
 
 @pytest.mark.parametrize("fault", ["full", "removed"])
 def test_storage_faults_during_a_save(tmp_path, small_fs, straight_storage_run, fault):
-  """The disk fills up / loses the checkpoint directory under a running job: one clear error (exit 2), the
-  last committed checkpoint intact, and the rerun resumes from it to the same params. (A read-only remount
-  cannot be tested this way: Linux refuses it while the paused run holds files open for writing.)
+  """The disk fills up / loses the checkpoint directory under a running job: one clear error (exit 2) that
+  names the saves lost and the step to resume from, and the rerun resumes from it to the same params. (A
+  read-only remount cannot be tested this way: Linux refuses it while the paused run holds files open.)
 
   The run pauses itself (`stop@save_started:6`: steps 2 and 4 are committed, Orbax having waited for them,
-  and the save of 6 is in flight) while the test changes the filesystem; then it continues into the fault."""
+  and the save of 6 is in flight) while the test changes the filesystem; then it continues into the fault.
+  Where the fault lands inside Orbax's writes is a race, so every outcome a user can meet is checked."""
   args = train_args("configs/sft/posthoc.py:tiny", small_fs / "run", *STORAGE_RUN)
   workdir = small_fs / "run"
   proc = start(args, env={"MIRAGE_FAULT": "stop@save_started:6"})
@@ -330,20 +331,28 @@ def test_storage_faults_during_a_save(tmp_path, small_fs, straight_storage_run, 
     shutil.rmtree(workdir / "checkpoints")
   proc.send_signal(signal.SIGCONT)
   _, err = proc.communicate(timeout=300)
-  # Orbax's background threads log their own failures above; nothing of mirage's raises a traceback.
-  assert proc.returncode == 2 and "mirage_jax/" not in err, err[-3000:]
-  line = err.strip().splitlines()[-1]
-  failed = re.match(r"mirage train: error: saving checkpoint step (6|8) in \S+ failed: (.*)", line)
-  assert failed, line
-  if fault == "removed":
-    assert any(m in line for m in ("removed while the run was using it", "No such file", "vanished")), line
+  assert not re.search(r'File "[^"]*mirage_jax/', err), err[-3000:]  # no traceback of mirage's
+  if proc.returncode == 0 and fault == "removed":
+    # Orbax re-created the directory and the save of 6 and 8 got through: a finished run, nothing lost.
+    assert checksum(workdir) == straight_storage_run
+    return
+  # Orbax's background threads log their own failures above; the one error line comes last.
+  assert proc.returncode == 2, err[-3000:]
+  mine = [ln for ln in err.splitlines() if ln.startswith("mirage train: error:")]
+  assert len(mine) == 1 and err.strip().splitlines()[-1] == mine[0], err[-3000:]
+  failed = re.match(r"mirage train: error: saving checkpoint steps? ([\d, ]+) in \S+ failed: ([^;]*); the last "
+                    r"committed checkpoint, step (\d+), (is intact|is no longer on disk)", mine[0])
+  assert failed, mine[0]
+  named, committed = [int(s) for s in failed.group(1).split(", ")], int(failed.group(3))
+  # Every save started after the committed step is named (the failure of 6 may surface in the save of 8).
+  assert committed in (4, 6) and set(named) <= {6, 8} and min(named) > committed, mine[0]
+  assert committed == 6 or 6 in named, mine[0]
+  if failed.group(4) == "is no longer on disk":
+    assert fault == "removed" and "put it back and a rerun resumes from it" in mine[0], mine[0]
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
     shutil.copytree(tmp_path / "saved_checkpoints", workdir / "checkpoints")  # the operator puts it back
-    committed = 4
-  else:
-    assert "No space left on device" in line, line
-    committed = int(failed.group(1)) - 2
-    assert f"the last committed checkpoint, step {committed}, is intact" in line, line
+  if fault == "full":
+    assert failed.group(2) == "No space left on device", mine[0]
     (small_fs / "filler").unlink()
   assert checksum(workdir)["step"] == committed
   rerun = mirage(*args)

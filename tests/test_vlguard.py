@@ -1,20 +1,27 @@
 """The VLGuard TFDS builder on a small VLGuard-format fixture (placeholder text, drawn images): split names
-and contents, conversation flattening with a seeded turn order, the K-shot attack grouping, forget/retain
-construction, image geometry, input errors; and `mirage eval` on an imported checkpoint with this dataset.
+and contents, conversation flattening in the official conversion's turn order, the K-shot attack grouping,
+forget/retain construction, image geometry, input errors; the official files' quirks (`vlguard_fixture`:
+empty test references, "N/A" instructions, a duplicated id, single-line JSON) built strictly, reported and
+shown by `mirage data stats`; and `mirage eval` on an imported checkpoint with this dataset.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import pathlib
+import random
 import re
+import shutil
 
 import numpy as np
 import pytest
 
 import hf_fixtures
+import vlguard_fixture
 from mirage_jax.data import images, pipeline, preprocess, tfds_builders, validate, vlguard, vlguard_records
 from mirage_jax.data.tokenizer import Tokenizer
 
@@ -91,7 +98,7 @@ def test_sft_flattens_conversations_with_a_seeded_turn_order(built, fixture):
   # the same seed gives the same order, another seed another one
   again = vlguard.Sources(config(fixture).resolved()).sft()
   assert [(r["id"], r["question"]) for r in again] == [(r["id"], r["question"]) for r in sft]
-  other = vlguard.Sources(config(fixture, seed=5).resolved()).sft()
+  other = vlguard.Sources(config(fixture, seed=1).resolved()).sft()  # (seed 5 happens to match seed 0 here)
   assert [r["question"] for r in other] != [r["question"] for r in sft]
 
 
@@ -229,7 +236,9 @@ def test_bad_records_strict_error_names_file_lines_and_totals(fixture, tmp_path)
                 "wrong_type=2", "missing_field=1"):
     assert total in msg, total
   lines = (manual / "train.json").read_text().splitlines()
-  first = int(re.search(r"train.json:(\d+) \(id no_image_file\): missing_image", msg).group(1))
+  index, first = map(int, re.search(r"train.json record (\d+) \(line (\d+), id no_image_file\): missing_image",
+                                    msg).groups())  # a multi-line file: the 0-based position, the line and the id
+  assert index == len(fixture["train"])
   assert lines[first - 1].strip() == "{" and '"no_image_file"' in "".join(lines[first:first + 3])
   assert not (tmp_path / "data").exists()  # nothing written
   # through the CLI: one line, exit 2, no traceback
@@ -252,7 +261,10 @@ def test_bad_records_lenient_are_skipped_counted_and_written(fixture, tmp_path, 
   rejects = [json.loads(line) for line in (pathlib.Path(summary["rejects"]) / "train.json.rejects.jsonl")
              .read_text().splitlines()]
   assert len(rejects) == 10 and {r["kind"] for r in rejects} >= {"missing_image", "bad_image", "empty_text"}
-  assert all(r["where"].startswith("train.json:") for r in rejects)
+  assert all(r["where"].startswith("train.json record ") for r in rejects)
+  by_id = {r["record"]["id"]: r for r in rejects if isinstance(r["record"], dict) and "id" in r["record"]}
+  for key in ("empty", "empty_resp", "token", "one_turn", "no_image_file"):  # whole records, not their turns
+    assert set(by_id[key]["record"]) >= {"id", "image", "safe", "instr-resp"}, key
 
 
 def test_malformed_json_and_missing_inputs(fixture, tmp_path):
@@ -317,7 +329,186 @@ def test_mirage_eval_on_an_imported_checkpoint(fixture, tmp_path):
   results = json.loads((tmp_path / "eval" / "eval.json").read_text())
   assert set(results["rr"]) == {"safe", "share", "safe_unsafe"} and "what_k" in results["asr"]
   assert results["counts"] == {"unsafe": 2, "unsafe_what": 6, "safe": 3, "safe_share": 3, "safe_unsafe": 3}
-  assert results["asr"]["original"] == 0.0  # no placeholder codes on real data: the rule judge never says harmful
+  # No placeholder codes on real data and no eval.judge: ASR is VLGuard's keyword metric, labelled so (a random
+  # model never refuses: every answer is an attack success), never a silent 0.
+  assert results["judge"]["name"] == "keyword" and results["asr"] == results["keyword_asr"]
+  assert results["asr"]["original"] == 100.0
   assert np.isfinite(results["teacher_forced"]["sft"]["loss"])
   rows = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").read_text().splitlines()]
   assert len(rows) == 17
+
+
+# --------------------------------------------------------------------------- the official files' quirks
+def official_llava_conversion(train_data: list[dict], seed: int = 0) -> list[dict]:
+  """ys-zong/VLGuard `convert_to_llava_format.py` as published (its file reading and writing left out)."""
+  random.seed(seed)
+
+  def format_conversation(instruction_key, response, from_human="human", from_gpt="gpt", prepend_image=False):
+    human_value = f"<image>{response[instruction_key]}" if prepend_image else response[instruction_key]
+    return [{"from": from_human, "value": human_value}, {"from": from_gpt, "value": response["response"]}]
+
+  for item in train_data:
+    item["conversations"] = []
+    instruction_responses = item["instr-resp"]
+    if len(instruction_responses) > 1:
+      random.shuffle(instruction_responses)
+      item["conversations"].extend(format_conversation(list(instruction_responses[0].keys())[0],
+                                                       instruction_responses[0], prepend_image=True))
+      item["conversations"].extend(format_conversation(list(instruction_responses[1].keys())[0],
+                                                       instruction_responses[1], prepend_image=False))
+    else:
+      item["conversations"].extend(format_conversation("instruction", instruction_responses[0], prepend_image=True))
+    item.pop("instr-resp")
+  return train_data
+
+
+@pytest.fixture(scope="module")
+def quirky(tmp_path_factory, fixture) -> dict:
+  """The quirky fixture built strictly through the CLI; `summary` is the JSON `mirage data build` printed."""
+  root = tmp_path_factory.mktemp("vlguard_quirky")
+  fx = vlguard_fixture.write_vlguard_fixture(root / "manual")
+  fx.update(tokenizer=fixture["tokenizer"], data_dir=root / "data")
+  from mirage_jax import cli
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    rc = cli.main(["data", "build", "--name=vlguard", f"--manual_dir={fx['manual']}",
+                   f"--tokenizer={fx['tokenizer']}", f"--image_size={SIZE}", f"--data_dir={fx['data_dir']}"])
+  assert rc == 0
+  fx["summary"] = json.loads(out.getvalue())
+  fx["built"] = tfds_builders.BuiltDataset(pathlib.Path(fx["summary"]["path"]))
+  return fx
+
+
+def test_official_quirks_build_strictly_and_are_reported(quirky):
+  summary, built = quirky["summary"], quirky["built"]
+  assert summary["splits"] == quirky["splits"] == {s: built.num_records(s) for s in built.splits()}
+  assert summary["notes"] == quirky["notes"]  # counted, not fatal
+  inputs = built.world_info["inputs"]
+  assert inputs == summary["inputs"]
+  for name, report in inputs.items():
+    assert report["problems"] == {} and report["rejected"] == 0 and report.get("notes", {}) == quirky["notes"].get(
+        name, {}), name
+  assert summary["rejects"] is None
+  # the records with an empty reference are kept, with an empty answer
+  safe = {r["id"]: r for r in records(built, "safe")}
+  assert safe["safe/fx_test_1"]["answer"] == safe["safe/fx_test_3"]["answer"] == ""
+  assert {r["id"] for r in records(built, "safe_share")} >= {"safe_share/fx_test_1", "safe_share/fx_test_3"}
+  # "N/A" instructions are kept (the image carries the request), labelled refuse
+  unsafe = {r["question"]: r for r in records(built, "unsafe")}
+  assert unsafe["N/A"]["label"] == "refuse"
+  # lenient drops nothing either
+  cfg = vlguard.VLGuardConfig(manual_dir=str(quirky["manual"]), tokenizer="", lenient=True).resolved()
+  assert {s: len(r) for s, r in vlguard.Sources(cfg).splits().items()} == quirky["splits"]
+
+
+def test_duplicate_ids_become_unique_and_locations_name_index_and_id(quirky):
+  built, (dup, renamed) = quirky["built"], quirky["duplicate_id"]
+  for split in built.splits():
+    ids = [r["id"] for r in records(built, split)]
+    assert len(set(ids)) == len(ids), split
+  sft_ids = [r["id"] for r in records(built, "sft")]
+  assert {f"sft/{dup}/0", f"sft/{dup}/1", f"sft/{renamed}/0", f"sft/{renamed}/1"} <= set(sft_ids)
+  assert f"retain/{renamed}" in [r["id"] for r in records(built, "retain")]
+  train_ids = [r["id"] for r in quirky["records"]["train.json"]]
+  first, second = [i for i, x in enumerate(train_ids) if x == dup]
+  examples = quirky["summary"]["inputs"]["train.json"]["note_examples"]
+  # single-line files: the position and the id, no line number
+  assert examples["duplicate_id"] == [f"train.json record {second} (id {dup}): id {dup!r} already used by "
+                                      f"train.json record {first} (id {dup}); this record's id is {renamed!r}"]
+  assert examples["placeholder_instruction"][0].startswith("train.json record ")
+  test_examples = quirky["summary"]["inputs"]["test.json"]["note_examples"]
+  assert test_examples["empty_reference"][0].startswith("test.json record 1 (id fx_test_1): ")
+  share = quirky["summary"]["inputs"]["test_share_1shot.json"]["note_examples"]["empty_reference"][0]
+  assert re.match(r"test_share_1shot.json record 0 \(line \d+, id fx_test_1\): ", share)  # an indented file
+
+
+def test_problems_in_single_line_files_name_the_record(quirky, tmp_path):
+  manual = tmp_path / "manual"
+  shutil.copytree(quirky["manual"], manual)
+  test = json.loads((manual / "test.json").read_text())
+  test[6]["instr-resp"][0]["instruction"] = "  "  # an empty question cannot be evaluated: still a problem
+  (manual / "test.json").write_text(json.dumps(test))
+  train = json.loads((manual / "train.json").read_text())
+  train[0]["instr-resp"][1]["response"] = ""  # an empty training target: still a problem in train.json
+  (manual / "train.json").write_text(json.dumps(train))
+  cfg = vlguard.VLGuardConfig(manual_dir=str(manual), tokenizer=str(quirky["tokenizer"]), image_size=SIZE)
+  with pytest.raises(validate.DataError) as e:
+    vlguard.build_vlguard(cfg, tmp_path / "data")
+  msg = str(e.value)
+  assert f"test.json record 6 (id {test[6]['id']}): empty_text" in msg
+  assert f"train.json record 0 (id {train[0]['id']}): empty_text" in msg
+  assert "test.json:1" not in msg and "train.json:1" not in msg
+  # lenient: the whole conversation is dropped and its rejects line holds the whole record
+  sources = vlguard.Sources(dataclasses.replace(cfg, lenient=True).resolved())
+  assert len(sources.sft()) == quirky["splits"]["sft"] - 2
+  sources.splits()
+  sources.finish(tmp_path / "rejects")
+  (reject,) = [json.loads(x) for x in (tmp_path / "rejects" / "train.json.rejects.jsonl").read_text().splitlines()]
+  assert reject["record"] == train[0] and reject["where"] == f"train.json record 0 (id {train[0]['id']})"
+  (reject,) = [json.loads(x) for x in (tmp_path / "rejects" / "test.json.rejects.jsonl").read_text().splitlines()]
+  assert reject["record"] == test[6]
+
+
+@pytest.mark.parametrize("which", ["quirky", "fixture"])
+def test_sft_turn_order_is_the_official_conversion(which, quirky, fixture):
+  manual = pathlib.Path(quirky["manual"] if which == "quirky" else fixture["manual"])
+  train = json.loads((manual / "train.json").read_text())
+  official = official_llava_conversion(json.loads((manual / "train.json").read_text()))
+  sft = vlguard.Sources(vlguard.VLGuardConfig(manual_dir=str(manual), tokenizer="").resolved()).sft()
+  by_group: dict[int, list[str]] = {}
+  for r in sft:
+    by_group.setdefault(r["group"], []).append(r["question"])
+  assert len(by_group) == len(official) == len(train)
+  for group, conv in enumerate(official):
+    want = [t["value"].replace("<image>", "") for t in conv["conversations"][::2]]
+    assert by_group[group] == want, group
+  firsts = {by_group[g][0] == r["instr-resp"][0].get("safe_instruction") for g, r in enumerate(train) if r["safe"]}
+  assert firsts == {True, False}  # not the file order, not one fixed order
+
+
+def test_vlguard_flags_without_name_are_an_error(quirky, capsys):
+  from mirage_jax import cli
+  from mirage_jax.commands import data
+  from mirage_jax.errors import UsageError
+  rc = cli.main(["data", "build", f"--manual_dir={quirky['manual']}", f"--tokenizer={quirky['tokenizer']}"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "--manual_dir, --tokenizer are flags of the VLGuard builder: add --name=vlguard" in err
+  args = argparse.Namespace(name="mirage_synth", manual_dir="", model="", tokenizer="", image_size=0, aspect="pad",
+                            seed=0, what_file="", share_file="", k_what=3, harmful_responses="", retain_size=0,
+                            retain_extra="", retain_extra_images="", retain_seed=42)
+  for flag, value in (("manual_dir", "x"), ("seed", 1), ("harmful_responses", "r.json")):
+    with pytest.raises(UsageError, match=f"--{flag} is a flag of the VLGuard builder: add --name=vlguard"):
+      data.build(argparse.Namespace(**{**vars(args), flag: value}))
+  rc = cli.main(["data", "build", "--name=vlguard", f"--tokenizer={quirky['tokenizer']}"])
+  assert rc == 2 and "--manual_dir is required for --name=vlguard" in capsys.readouterr().err
+
+
+def test_data_stats_of_a_vlguard_build(quirky, capsys):
+  from mirage_jax import cli
+  rc = cli.main(["data", "stats", "--name=vlguard", f"--data_dir={quirky['data_dir']}"])
+  out = capsys.readouterr().out
+  assert rc == 0
+  lines = out.strip().splitlines()
+  summary = json.loads(lines[-1])  # the closing JSON line
+  assert summary["splits"] == quirky["splits"] and summary["notes"] == quirky["notes"]
+  assert summary["path"] == str(quirky["built"].path) and summary["split"] == "sft"
+  assert f"| sft | {quirky['splits']['sft']} |" in lines
+  assert "notes (kept) in test.json: empty_reference=2, placeholder_instruction=1" in lines
+  sft = records(quirky["built"], "sft")
+  tables = summary["first_words"]
+  assert set(tables) == {"safe", "unsafe_text", "unsafe_image"}
+  for kind, table in tables.items():
+    want: dict[str, dict[str, int]] = {}
+    for r in (r for r in sft if r["kind"] == kind):
+      want.setdefault(r["first_word"], {"comply": 0, "refuse": 0})[r["label"]] += 1
+    assert table == want, kind
+    assert f"first word x label, split 'sft', kind '{kind}' ({sum(map(sum, (c.values() for c in want.values())))} " \
+           "records)" in lines
+  assert tables["safe"]["What"]["comply"] > 0 and tables["unsafe_image"]["N"] == {"comply": 0, "refuse": 1}
+  assert tables["unsafe_image"]["NA"] == {"comply": 0, "refuse": 1}
+  # a --path to a VLGuard build needs no --name; another split
+  rc = cli.main(["data", "stats", f"--path={quirky['built'].path}", "--split=unsafe_what"])
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert rc == 0 and summary["first_words"] == {"unsafe_image": {"What": {"comply": 0, "refuse": 12}}}
+  rc = cli.main(["data", "stats", "--name=vlguard", f"--data_dir={quirky['data_dir'] / 'nothing'}"])
+  assert rc == 2 and "no complete VLGuard" in capsys.readouterr().err

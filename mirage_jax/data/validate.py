@@ -3,6 +3,8 @@
 Strict (default): the first read ends in one `DataError` naming the file, the first offending records (with
 line numbers) and the totals per problem kind. Lenient (`--lenient`): offending records are skipped, counted
 in the summary and written with their reasons to a rejects file (JSONL), so nothing disappears silently.
+Oddities that do not make a record unusable (a reference response evaluation never reads, a duplicated id) are
+*notes*: counted and listed in the summary, never fatal, the record kept.
 """
 
 from __future__ import annotations
@@ -40,18 +42,36 @@ class Report:
   truncated: int = 0
   problems: list[Problem] = dataclasses.field(default_factory=list)
   rejects: list[dict] = dataclasses.field(default_factory=list)
+  notes: list[Problem] = dataclasses.field(default_factory=list)  # kept records' oddities (not fatal)
 
   def add(self, problem: Problem, record: Any = None) -> None:
     self.problems.append(problem)
     self.rejects.append({"where": problem.where, "kind": problem.kind, "detail": problem.detail,
                          "record": record if isinstance(record, (dict, list, str, int, float)) else None})
 
+  def note(self, problem: Problem) -> None:
+    """An oddity of a record that is kept: counted and listed in `summary`, never fatal."""
+    self.notes.append(problem)
+
   def counts(self) -> dict[str, int]:
     return dict(collections.Counter(p.kind for p in self.problems))
 
-  def summary(self) -> dict:
-    return {"source": self.source, "read": self.read, "kept": self.kept, "rejected": self.read - self.kept,
-            "truncated": self.truncated, "problems": self.counts()}
+  def note_counts(self) -> dict[str, int]:
+    return dict(collections.Counter(p.kind for p in self.notes))
+
+  def summary(self, examples: int = 3) -> dict:
+    """Records read / kept / rejected, problems per kind; with notes, their counts per kind and the first
+    `examples` of each kind (`where: detail`)."""
+    out = {"source": self.source, "read": self.read, "kept": self.kept, "rejected": self.read - self.kept,
+           "truncated": self.truncated, "problems": self.counts()}
+    if self.notes:
+      out["notes"] = self.note_counts()
+      first: dict[str, list[str]] = {}
+      for p in self.notes:
+        if len(first.setdefault(p.kind, [])) < examples:
+          first[p.kind].append(f"{p.where}: {p.detail}")
+      out["note_examples"] = first
+    return out
 
   def finish(self, rejects_path: str | os.PathLike | None = None) -> None:
     """Strict: raise if anything was wrong. Lenient: write the rejects file (if any problem)."""
@@ -103,21 +123,22 @@ def read_jsonl(path: str | os.PathLike, report: Report) -> Iterator[tuple[int, d
 
 
 def check_fields(obj: Mapping, fields: Mapping[str, type | tuple[type, ...]], *, where: str, report: Report,
-                 nonempty: Sequence[str] = ()) -> bool:
-  """Required fields with their types, and text fields that must not be empty; True when the record is ok."""
-  ok = True
+                 nonempty: Sequence[str] = (), record: Any = None) -> bool:
+  """Required fields with their types, and text fields that must not be empty; True when the record is ok.
+  `record` is what a rejects file gets (default: `obj`; give the whole record when `obj` is a part of it)."""
+  ok, record = True, dict(obj) if record is None else record
   for name, kind in fields.items():
     if name not in obj:
-      report.add(Problem("missing_field", where, f"no {name!r}"), dict(obj))
+      report.add(Problem("missing_field", where, f"no {name!r}"), record)
       ok = False
     elif not isinstance(obj[name], kind):
       expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
       report.add(Problem("wrong_type", where, f"{name!r} is {type(obj[name]).__name__}, expected {expected}"),
-                 dict(obj))
+                 record)
       ok = False
   for name in nonempty:
     if ok and isinstance(obj.get(name), str) and not obj[name].strip():
-      report.add(Problem("empty_text", where, f"{name!r} is empty"), dict(obj))
+      report.add(Problem("empty_text", where, f"{name!r} is empty"), record)
       ok = False
   return ok
 

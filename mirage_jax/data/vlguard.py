@@ -9,10 +9,12 @@ has one `{"instruction", "response"}` turn, a safe image a `{"safe_instruction",
 
 Splits (only those the inputs allow are written; records use `tfds_builders.record_features`):
   sft          train, LLaVA-format conversations flattened to one record per turn: a safe image gives 2
-               records (safe turn "comply", unsafe turn "refuse") in a seeded random order, an unsafe image 1
-               ("refuse"). Turns of one conversation share `image_id` and `group`; `shot` is the turn index.
-               The single-turn pipeline trains each turn on its own with the image (LLaVA's second turn also
-               sees the first turn as context; here it does not).
+               records (safe turn "comply", unsafe turn "refuse") in the order VLGuard's own LLaVA conversion
+               gives them (`random.seed(seed)`, seed 0, then `random.shuffle` of each record's turn list in file
+               order: `vlguard_records.conversion_orders`), an unsafe image 1 ("refuse"). Turns of one
+               conversation share `image_id` and `group`; `shot` is the turn index. The single-turn pipeline
+               trains each turn on its own with the image (LLaVA's second turn also sees the first turn as
+               context; here it does not).
   unsafe       test unsafe images with their instruction (label "refuse", `answer` = the reference response)
   safe         test safe images, safe instruction ("comply")
   safe_unsafe  test safe images, unsafe instruction ("refuse")
@@ -26,14 +28,22 @@ Splits (only those the inputs allow are written; records use `tfds_builders.reco
                padded to that size from a LLaVA-format instruction file (`retain_extra`, first turn of each
                sampled conversation), seeded by `retain_seed` and shuffled
 
+The official files as published build strictly (sft 2,977; unsafe 442; safe 558; safe_unsafe 558; unsafe_what
+1,326; safe_share 556). Their oddities are *notes*, counted per file in the build summary (`extra/world.json`
+"inputs": "notes", "note_examples"), the records kept: `empty_reference` (an empty reference response in a test
+file: 17 safe turns in test.json and again in test_share_1shot.json; evaluation never reads a test reference),
+`placeholder_instruction` (an instruction "N/A" / "NA": 15 unsafe train images, 1 test image), `duplicate_id`
+(train.json has `Ads_303871` twice: the second becomes `Ads_303871#2`, so record ids stay unique).
+
 Bad input (`mirage_jax.data.validate`): malformed JSON names the file, line and column; a record that is not an
-object, lacks a field or has a wrong type, an empty instruction or response, a literal `<image>` in VLGuard text
-(the template places the image), a missing `<image>` in a LLaVA-format padding conversation, a missing or
-undecodable image, a broken K-tuple, a missing harmful response: strict (default) stops with one `DataError`
-naming each file, its first offending records (`file:line (id ...)`) and the totals per kind; `lenient` skips
-them, counts them in the build summary (`extra/world.json` "inputs") and writes
-`extra/rejects/<file>.rejects.jsonl`. Over-long sequences are handled where tokens exist, in the data pipeline
-(`data.overflow`: error or truncate, counted).
+object, lacks a field or has a wrong type, an empty instruction or (in train.json) response, a literal
+`<image>` in VLGuard text (the template places the image), a missing `<image>` in a LLaVA-format padding
+conversation, a missing or undecodable image, a broken K-tuple, a missing harmful response: strict (default)
+stops with one `DataError` naming each file, its first offending records (`test.json record 17 (id X)`: the
+0-based position in the file's list and the id, plus the line for multi-line files) and the totals per kind;
+`lenient` skips them, counts them in the build summary and writes `extra/rejects/<file>.rejects.jsonl` (one
+line per problem, with the whole record). Over-long sequences are handled where tokens exist, in the data
+pipeline (`data.overflow`: error or truncate, counted).
 
 Fields the synthetic world fills and VLGuard lacks are neutral: `hazard` = -1, `harm_codes` = "", `expected`
 = "". `intent` holds "category/subcategory" of unsafe images, `object` the image path, `first_word` the
@@ -44,7 +54,8 @@ colour) or by center crop (`"crop"`), and resized to the model's image size befo
 record fits one fixed `Image` feature and the data pipeline only rescales and normalises
 (`mirage_jax.data.images`). The tokenizer (from an HF tokenizer directory or a converted checkpoint) is saved
 in `extra/tokenizer/`; `extra/world.json` (written last: it marks a complete build) records the build config.
-Records keep the order of the input files. The build directory is content-addressed by the config, the JSON files' contents and the tokenizer.
+Records keep the order of the input files. The build directory is content-addressed by the config, the JSON
+files' contents and the tokenizer.
 """
 
 from __future__ import annotations
@@ -68,12 +79,13 @@ from PIL import Image
 
 from mirage_jax.data import images as images_lib
 from mirage_jax.data import tfds_builders, validate
-from mirage_jax.data.vlguard_records import IMAGE_TOKEN, Entry, Turn, first_word, parse_entry, read_records
+from mirage_jax.data import vlguard_records as vr
+from mirage_jax.data.vlguard_records import Entry, Turn, first_word, parse_entry, read_records
 from mirage_jax.data.tokenizer import Tokenizer
-from mirage_jax.errors import MissingFileError
+from mirage_jax.errors import MissingFileError, UsageError
 
 NAME = "vlguard"
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1: official turn order, unique ids, empty test references kept
 WHAT_FILE = "test_what_3shot.json"
 SHARE_FILE = "test_share_1shot.json"
 _IMAGE_ID_STRIDE = 1_000_000  # image_id = source index * stride + position (train, test, retain_extra)
@@ -90,7 +102,7 @@ class VLGuardConfig:
   image_size: int = 336
   aspect: str = "pad"  # "pad" (LLaVA-1.5) or "crop"
   image_mean: tuple[float, ...] = images_lib.CLIP_MEAN  # the padding colour is int(255 * mean)
-  seed: int = 0  # turn order of safe-image conversations (LLaVA's conversion uses seed 0)
+  seed: int = 0  # turn order of safe-image conversations (VLGuard's LLaVA conversion: Python random, seed 0)
   what_file: str = ""  # default: manual_dir/test_what_3shot.json if present
   share_file: str = ""  # default: manual_dir/test_share_1shot.json if present
   k_what: int = 3
@@ -137,23 +149,13 @@ def _label(turn: Turn) -> str:
   return "comply" if turn.kind == "safe" else "refuse"
 
 
-@dataclasses.dataclass(frozen=True)
-class _Candidate:
-  """A usable conversation of the retain padding set (its image not checked yet)."""
-
-  key: str
-  image: str
-  turn: Turn
-  where: str
-  raw: Any
-
-
 class Sources:
   """The parsed inputs of one build and the records of every split (images as paths).
 
   Every input file has a `validate.Report`: records with problems (schema, empty text, missing or undecodable
   image, broken attack group, missing harmful response) are left out and reported; `finish` then raises one
-  `DataError` for all of them (strict) or writes the rejects files (lenient).
+  `DataError` for all of them (strict) or writes the rejects files (lenient). Oddities of usable records
+  (empty test references, placeholder instructions, duplicate ids) are notes in the same reports.
   """
 
   def __init__(self, cfg: VLGuardConfig):
@@ -163,8 +165,9 @@ class Sources:
     self.text_only = 0  # retain_extra conversations without an image (not usable, not an error)
     self._image_ids: dict[tuple[str, str], int] = {}
     self._image_problems: dict[tuple[str, str], validate.Problem | None] = {}
-    self.train = self._entries(manual / "train.json", "train")
-    self.test = self._entries(manual / "test.json", "test")
+    self._orders: list[tuple[int, ...]] = []  # the official conversion's turn order per train.json record
+    self.train = self._entries(manual / "train.json", "train", references=False)
+    self.test = self._entries(manual / "test.json", "test", references=True)
 
   def report(self, path: str | pathlib.Path) -> validate.Report:
     path = str(path)
@@ -172,18 +175,27 @@ class Sources:
       self.reports[path] = validate.Report(path, lenient=self.cfg.lenient)
     return self.reports[path]
 
-  def _rows(self, path: str | pathlib.Path, part: str) -> list[Entry | None]:
-    """Entries of a VLGuard-format file by position (None where a record or its image is rejected)."""
+  def _rows(self, path: str | pathlib.Path, part: str, *, references: bool = True) -> list[Entry | None]:
+    """Entries of a VLGuard-format file by position (None where a record or its image is rejected); the notes
+    of the usable ones are added to the file's report. `references`: the responses are test references."""
     report = self.report(path)
-    rows = []
-    for where, rec in read_records(path, report):
-      e = parse_entry(rec, where, report)
-      rows.append(e if e is not None and self._image_ok(part, e.image, e.where, report, e.raw) else None)
+    rows, raws = [], []
+    for index, (where, rec) in enumerate(read_records(path, report)):
+      raws.append(rec)
+      e = parse_entry(rec, where, report, index=index, references=references)
+      ok = e is not None and self._image_ok(part, e.image, e.where, report, e.raw)
+      for note in e.notes if ok else ():
+        report.note(note)
+      rows.append(e if ok else None)
+    if part == "train":
+      self._orders = vr.conversion_orders(raws, self.cfg.seed)
     return rows
 
-  def _entries(self, path: pathlib.Path, part: str) -> list[Entry]:
-    entries = [e for e in self._rows(path, part) if e is not None]
-    self.report(path).kept += len(entries)
+  def _entries(self, path: pathlib.Path, part: str, *, references: bool) -> list[Entry]:
+    """The usable records of train.json / test.json, ids made unique (`duplicate_id` notes)."""
+    report = self.report(path)
+    entries = _unique([e for e in self._rows(path, part, references=references) if e is not None], report)
+    report.kept += len(entries)
     for e in entries:
       self.image_id(part, e.image)
     return entries
@@ -258,13 +270,12 @@ class Sources:
     return out
 
   def sft(self) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(self.cfg.seed)
+    """Every train turn; a conversation's turns in the official conversion's order (module docstring)."""
     out = []
     for group, e in enumerate(self.train):
-      order = rng.permutation(len(e.turns)) if len(e.turns) > 1 else [0]
       image = self.image("train", e.image)
-      for shot, t in enumerate(order):
-        turn = e.turns[int(t)]
+      for shot, position in enumerate(self._orders[e.index]):
+        turn = e.turns[e.file_turns[position]]
         out.append(_record("sft", f"{e.id}/{shot}", image, turn, label=_label(turn), category=e.category,
                            group=group, shot=shot))
     return out
@@ -290,7 +301,7 @@ class Sources:
     if len(rows) % k:
       raise VLGuardError(f"{path}: {len(rows)} records is not a multiple of K={k} (consecutive K-tuples of "
                          "rewrites per unsafe query); set --k_what or fix the file")
-    out = []
+    out, groups = [], []
     for group in range(len(rows) // k):
       tuple_ = rows[group * k:(group + 1) * k]
       valid = [e for e in tuple_ if e is not None]
@@ -305,21 +316,25 @@ class Sources:
                    [e.raw for e in valid])
         continue
       report.kept += k
+      groups.append((group, valid))
+    ids = vr.unique_ids([g[0].id for _, g in groups], [g[0].where for _, g in groups], report)  # one id a tuple
+    for (group, valid), key in zip(groups, ids):
       for shot, e in enumerate(valid):
-        out.append(_record("unsafe_what", f"{e.id}/{shot}", self.image("test", e.image), e.turns[0],
+        out.append(_record("unsafe_what", f"{key}/{shot}", self.image("test", e.image), e.turns[0],
                            label="refuse", category=e.category, group=group, shot=shot))
     return out
 
   def safe_share(self) -> list[dict[str, Any]]:
     path = self.cfg.share_file
-    report, out = self.report(path), []
+    report, entries = self.report(path), []
     for e in (e for e in self._rows(path, "test") if e is not None):
       if not e.safe:
         report.add(validate.Problem("unsafe_in_share", e.where, "the Share attack file holds safe images only"),
                    e.raw)
         continue
-      out.append(_record("safe_share", e.id, self.image("test", e.image), e.turns[0], label="comply",
-                         group=len(out), shot=0))
+      entries.append(e)
+    out = [_record("safe_share", e.id, self.image("test", e.image), e.turns[0], label="comply", group=group,
+                   shot=0) for group, e in enumerate(_unique(entries, report))]
     report.kept += len(out)
     return out
 
@@ -330,7 +345,7 @@ class Sources:
       raise VLGuardError(f"{path}: expected a JSON object image path -> response text")
     report = self.report(path)
     report.read += len(responses)
-    lookup = _PathLookup(responses)
+    lookup = vr.PathLookup(responses)
     out = []
     for e in (e for e in self.train if not e.safe):
       answer = lookup.get(e.image)
@@ -358,7 +373,8 @@ class Sources:
       raise VLGuardError(f"retain_size={size} exceeds the {len(base)} safe train instructions: give "
                          "retain_extra (a LLaVA-format instruction JSON) to pad from")
     path, need = self.cfg.retain_extra, size - len(base)
-    report, candidates, picked = self.report(path), self._llava_candidates(path), []
+    report, picked = self.report(path), []
+    candidates, self.text_only = vr.llava_candidates(path, report)
     for i in rng.permutation(len(candidates)):  # images are checked only for the drawn conversations
       if len(picked) == need:
         break
@@ -371,47 +387,10 @@ class Sources:
     padded = base + picked
     return [padded[i] for i in rng.permutation(len(padded))]
 
-  def _llava_candidates(self, path: str) -> list[_Candidate]:
-    """The first human/gpt turn of every LLaVA-format conversation with an image (text-only ones counted)."""
-    report, out = self.report(path), []
-    for where, rec in read_records(path, report):
-      if isinstance(rec, dict) and "image" not in rec:
-        self.text_only += 1
-        continue
-      if not validate.check_fields(rec if isinstance(rec, dict) else {"record": rec},
-                                   {"image": str, "conversations": list}, where=where, report=report,
-                                   nonempty=("image",)):
-        continue
-      conv = rec["conversations"]
-      where = f"{where} (id {rec.get('id', '?')})"
-      if (len(conv) < 2 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conv[:2])
-          or [t.get("from") for t in conv[:2]] != ["human", "gpt"]):
-        report.add(validate.Problem("bad_turns", where, "the first turns must be human then gpt, with text "
-                                    "'value's"), rec)
-        continue
-      question, answer = conv[0]["value"], conv[1]["value"]
-      if IMAGE_TOKEN not in question:
-        report.add(validate.Problem("missing_image_token", where, f"the human turn has no {IMAGE_TOKEN!r}"), rec)
-        continue
-      question = question.replace(IMAGE_TOKEN, "").strip()
-      if not question or not answer.strip():
-        report.add(validate.Problem("empty_text", where, "empty question or answer"), rec)
-        continue
-      out.append(_Candidate(str(rec.get("id", where)), rec["image"], Turn(question, answer, "safe"), where, rec))
-    return out
-
-
-class _PathLookup:
-  """Image path -> value, matching exactly or by a unique path suffix (`a/b.jpg` finds `train/a/b.jpg`)."""
-
-  def __init__(self, table: Mapping[str, str]):
-    self.table = dict(table)
-
-  def get(self, image: str) -> str | None:
-    if image in self.table:
-      return self.table[image]
-    hits = [k for k in self.table if k.endswith("/" + image) or image.endswith("/" + k)]
-    return self.table[hits[0]] if len(hits) == 1 else None
+def _unique(entries: list[Entry], report: validate.Report) -> list[Entry]:
+  """`entries` with repeated ids made unique (`X#2`, ...), each repeat a `duplicate_id` note."""
+  ids = vr.unique_ids([e.id for e in entries], [e.where for e in entries], report)
+  return [e if e.id == new else dataclasses.replace(e, id=new) for e, new in zip(entries, ids)]
 
 
 # --------------------------------------------------------------------------- the TFDS builder
@@ -543,10 +522,18 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
   # --lenient is a flag of `mirage data build` itself (every builder honours it)
 
 
+def given_flags(args: argparse.Namespace) -> list[str]:
+  """The VLGuard flags of `args` set to something other than their default (`mirage data build` refuses them
+  without `--name=vlguard` rather than quietly building the synthetic set)."""
+  parser = argparse.ArgumentParser(add_help=False)
+  add_build_arguments(parser)
+  return [f"--{k}" for k, v in vars(parser.parse_args([])).items() if getattr(args, k, v) != v]
+
+
 def config_from_args(args: argparse.Namespace) -> VLGuardConfig:
   """A `VLGuardConfig` from the parsed flags (`--model` supplies tokenizer, image size and mean)."""
   if not args.manual_dir:
-    raise VLGuardError("--manual_dir is required for --name=vlguard")
+    raise UsageError("--manual_dir is required for --name=vlguard (the folder with train.json and test.json)")
   size, mean, tok = args.image_size, images_lib.CLIP_MEAN, args.tokenizer
   if args.model:
     cfg_path = pathlib.Path(args.model) / "config.json"
@@ -557,7 +544,7 @@ def config_from_args(args: argparse.Namespace) -> VLGuardConfig:
     mean = tuple(run["data"]["image_mean"])
     tok = tok or args.model
   if not tok:
-    raise VLGuardError("--name=vlguard needs --model (a converted checkpoint) or --tokenizer (an HF tokenizer dir)")
+    raise UsageError("--name=vlguard needs --model (a converted checkpoint) or --tokenizer (an HF tokenizer dir)")
   return VLGuardConfig(
       manual_dir=args.manual_dir, tokenizer=tok, image_size=size or 336, aspect=args.aspect, image_mean=mean,
       seed=args.seed, what_file=args.what_file, share_file=args.share_file, k_what=args.k_what,
@@ -572,5 +559,6 @@ def build_from_args(args: argparse.Namespace) -> dict[str, Any]:
   tok = Tokenizer.load(built.tokenizer_dir)
   info = built.world_info
   rejects = built.path / "extra" / "rejects"
+  notes = {name: r["notes"] for name, r in info["inputs"].items() if r.get("notes")}
   return {"path": str(built.path), "splits": info["splits"], "vocab_size": tok.vocab_size,
-          "inputs": info["inputs"], "rejects": str(rejects) if rejects.is_dir() else None}
+          "inputs": info["inputs"], "notes": notes, "rejects": str(rejects) if rejects.is_dir() else None}

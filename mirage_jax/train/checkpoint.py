@@ -19,6 +19,7 @@ import logging
 import os
 import pathlib
 import re
+import threading
 import time
 from typing import Any
 
@@ -56,7 +57,8 @@ class Checkpointer:
         create=True,
     )
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
-    self._pending: int | None = None  # the step of the last save started
+    self._started: list[int] = []  # steps whose save was started by this run, oldest first
+    self._identity = _identity(self.directory)  # to tell a directory removed and re-created under the run
     self._failed: CheckpointError | None = None
 
   def latest_step(self) -> int | None:
@@ -75,13 +77,14 @@ class Checkpointer:
     """Start an asynchronous save of `step`. A storage failure (full disk, read-only or vanished directory)
     of this save or of the one before it is a `CheckpointError`; committed steps are never touched."""
     if not self.directory.is_dir():
-      raise self._failure(step, "the checkpoint directory was removed while the run was using it")
+      raise self._failure("the checkpoint directory was removed while the run was using it", also=step)
     train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng, "extras": state.extras}
     args = ocp.args.Composite(params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
                               data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
     started = self._guarded(step, lambda: self._mgr.save(step, args=args, force=force))
     if started:
-      self._pending = step
+      self._started.append(step)
+      self._identity = self._identity or _identity(self.directory)
       faults.trigger("save_started", step=step)  # the save is in flight: its temporary directory exists
     return started
 
@@ -114,7 +117,7 @@ class Checkpointer:
     return None
 
   def wait(self) -> None:
-    self._guarded(self._pending, self._mgr.wait_until_finished)
+    self._guarded(None, self._mgr.wait_until_finished)
 
   def close(self) -> None:
     """Finish the save in flight and close. After a failure already raised, a second report of the same
@@ -130,30 +133,89 @@ class Checkpointer:
         self._mgr.close()
 
   def _guarded(self, step: int | None, fn):
+    """Run `fn` (a save or a wait); a storage failure of any save in flight becomes one `CheckpointError`.
+
+    Which saves failed is read from the disk, not from the error text: an asynchronous save's error surfaces
+    in the next call (or Orbax only logs it and the next save fails instead), so every save this run started
+    after the last step committed on disk is named."""
     try:
       return fn()
     except Exception as e:  # noqa: BLE001 - storage errors become one user-facing message, others re-raise
-      if not _storage_error(e):
+      # removed (and maybe re-created by a writer still running)
+      replaced = self._identity is not None and _identity(self.directory) != self._identity
+      gone = replaced or self._vanished_paths(e)
+      if not (_storage_error(e) or gone):
         raise
       text = " ".join(str(c) for c in _chain(e))
-      written = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)  # the save that failed may be the one before
       reason = _STORAGE_ERRORS.search(text)
       why = reason.group(0) if reason else text.strip().splitlines()[-1][:200]
-      if why.startswith("NOT_FOUND"):
+      if replaced:
+        why = "the checkpoint directory was removed while the run was using it"
+      elif (gone and not reason) or why.startswith("NOT_FOUND"):
         why = "files of the checkpoint being written vanished (was its directory removed?)"
-      raise self._failure(int(written.group(1)) if written else step, why) from e
+      raise self._failure(why, also=step) from e
 
-  def _failure(self, step: int | None, reason: str) -> CheckpointError:
-    good = latest_step_on_disk(self.directory)
-    kept = f"the last committed checkpoint, step {good}, is intact" if good is not None else "no step was committed"
-    self._failed = CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {reason}; {kept} "
-                                   "and a rerun resumes from it")
+  def _vanished_paths(self, e: BaseException) -> bool:
+    """Whether the error names a path inside the checkpoint directory that no longer exists (Orbax and
+    tensorstore report a removed directory in many ways, not all of them an OSError)."""
+    root = str(self.directory)
+    for c in _chain(e):
+      for m in re.finditer(re.escape(root) + r"[^\s\"':,]*", str(c)):
+        if not os.path.exists(m.group(0).rstrip("/.")):
+          return True
+    return False
+
+  def _failure(self, reason: str, *, also: int | None = None) -> CheckpointError:
+    """The one error for a failed save: every save this run started after the last committed step (an
+    asynchronous save's failure surfaces in a later call, or Orbax only logs it and a later save fails), and
+    what is left on disk to resume from."""
+    on_disk = latest_step_on_disk(self.directory) if self.directory.is_dir() else None
+    known = self._last_committed()  # what this run saw committed; more than on disk if files were removed
+    good = max((s for s in (on_disk, known) if s is not None), default=None)
+    steps = sorted({s for s in [*self._started, *([also] if also is not None else [])] if good is None or s > good})
+    which = (f"step {steps[0]}" if len(steps) == 1 else f"steps {', '.join(map(str, steps))}") if steps else "a step"
+    if good is None:
+      kept = "no step was committed, so a rerun starts over"
+    elif on_disk == good:
+      kept = f"the last committed checkpoint, step {good}, is intact and a rerun resumes from it"
+    else:
+      kept = (f"the last committed checkpoint, step {good}, is no longer on disk (was the directory removed?): "
+              "put it back and a rerun resumes from it, otherwise a rerun "
+              + (f"resumes from step {on_disk}" if on_disk is not None else "starts over"))
+    self._failed = CheckpointError(f"saving checkpoint {which} in {self.directory} failed: {reason}; {kept}")
+    self._failed.abandon_process = True  # Orbax's failed writers would print again at interpreter exit
+    self._join_writers()
     return self._failed
+
+  def _last_committed(self) -> int | None:
+    """The newest step Orbax saw committed in this run (when the directory itself is gone)."""
+    try:
+      return self._mgr.latest_step()
+    except Exception:  # noqa: BLE001 - a manager that cannot answer knows nothing committed
+      return None
+
+  @staticmethod
+  def _join_writers(timeout: float = 30.0) -> None:
+    """Let Orbax's writer threads finish failing (they log their own errors; bounded), so that the one-line
+    error the command prints is the last thing the user reads."""
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+      if t is not threading.current_thread() and type(t).__module__.startswith("orbax."):
+        t.join(max(deadline - time.monotonic(), 0.0))
 
 
 _STORAGE_ERRORS = re.compile(r"No space left on device|Read-only file system|Permission denied|"
                              r"No such file or directory|Disk quota exceeded|Input/output error|"
                              r"NOT_FOUND: Error (?:writing|reading)")  # tensorstore: a file vanished mid-save
+
+
+def _identity(path: pathlib.Path) -> tuple[int, int] | None:
+  """(device, inode) of a directory, None when it does not exist."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return st.st_dev, st.st_ino
 
 
 def _chain(e: BaseException | None) -> list[BaseException]:

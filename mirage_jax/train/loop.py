@@ -30,7 +30,7 @@ from mirage_configs import comma_list
 from mirage_jax import configlib, seeds
 from mirage_jax.data import pipeline
 from mirage_jax.losses import Loss, make_loss
-from mirage_jax.train import checkpoint, faults, lease, metrics as metrics_lib, scoring
+from mirage_jax.train import checkpoint, faults, lease, metrics as metrics_lib, runtime, scoring
 from mirage_jax.train.runtime import RunError, Setup, check_run, compile_step, log_memory, plan_state, setup
 from mirage_jax.train.state import ModelSpec, TrainState, init_params, new_rng, shardings_of
 
@@ -73,7 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
   The workdir's lease (`train.lease`) is held throughout: a second writer fails at once naming this one."""
   t_start = time.time()
   with lease.hold(workdir, what=f"mirage train (loss {config.loss.name})"):  # one writer per workdir
-    r = _prepare(config, pathlib.Path(workdir))
+    r = _prepare(runtime.inherit_from_init(config), pathlib.Path(workdir))
     step_fn = _compile(r)
     return _train(r, step_fn, t_start=t_start, compile_s=time.time() - t_start)
 

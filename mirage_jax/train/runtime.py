@@ -43,10 +43,11 @@ class Setup:
   spec: ModelSpec
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
-  """Mesh, dataset, tokenizer-checked model config and text format of `config`."""
+def setup(config: ml_collections.ConfigDict, *, data: pipeline.Data | None = None) -> Setup:
+  """Mesh, dataset, tokenizer-checked model config and text format of `config` (`data`: instead of opening
+  the config's dataset, e.g. a tokenizer without a dataset for generating on a JSON file)."""
   mesh = sharding.make_mesh(config.mesh)
-  data = pipeline.open_data(config.data)
+  data = pipeline.open_data(config.data) if data is None else data
   tok = data.tokenizer
   model_cfg = VLMConfig.from_config(config.model, image_token_id=tok.image_id)
   if tok.vocab_size > model_cfg.text.vocab_size:
@@ -161,6 +162,34 @@ def run_config(source: str | os.PathLike) -> ml_collections.ConfigDict:
   except MissingFileError as e:
     raise MissingFileError(f"{path / 'config.json'} not found, nor a checkpoint's config ({e}): is {source} a "
                            "training run directory?") from None
+
+
+def inherit_from_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the paths listed in `init_inherit` (a comma list: "model", "data.prompt_template")
+  replaced by the values in `init_from`'s own config, e.g. the architecture of a converted HF checkpoint, so
+  one paper config trains any converted LLaVA. A path that either config lacks is an error; nothing to
+  inherit returns `config` unchanged."""
+  paths = [p.strip() for p in str(config.get("init_inherit", "")).split(",") if p.strip()]
+  if not paths:
+    return config
+  if not config.init_from:
+    raise ConfigError(f"init_inherit={config.init_inherit!r} copies settings from init_from's config: set "
+                      "--config.init_from=<run dir>")
+  source = run_config(config.init_from).to_dict()
+  out = config.to_dict()
+  for path in paths:
+    *parents, leaf = path.split(".")
+    src, dst = source, out
+    for key in parents:
+      src, dst = (src.get(key, {}) if isinstance(src, dict) else {}), dst.get(key, {})
+    if not isinstance(src, dict) or leaf not in src or not isinstance(dst, dict) or leaf not in dst:
+      raise ConfigError(f"init_inherit: {path!r} is not a key of both this config and {config.init_from}'s")
+    if dst[leaf] != src[leaf]:
+      logging.info("config.%s inherited from %s", path, config.init_from)
+    dst[leaf] = src[leaf]
+  merged = ml_collections.ConfigDict(out)
+  merged.lock()
+  return merged
 
 
 def checkpoint_config(source: str | os.PathLike) -> ml_collections.ConfigDict:
