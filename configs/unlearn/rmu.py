@@ -10,12 +10,12 @@ Trainable: the projector and the MLP down-projections of decoder layers l-2..l (
 
 from mirage_configs import common
 
-_LAYER = {"tiny": 1, "small": 3, "1b": 7, "7b": 7, "13b": 7}
+LAYER_BY_SIZE = {"tiny": 1, "small": 3, "1b": 7, "7b": 7, "13b": 7}
 
 
 def get_config(arg: str | None = None):
   a = common.parse_arg(arg, size="tiny")
-  layer = _LAYER[a.size]
+  layer = LAYER_BY_SIZE[a.size]
   c = common.unlearning_config(a.size, dict(name="rmu", layer=layer, steering=10.0, mask="answer"))
   c.loss.alpha = 10.0 if a.size == "tiny" else 1.0
   c.optim.frozen = ""

@@ -7,8 +7,9 @@ ICML 2024; ys-zong/VLGuard), which fine-tunes with LLaVA's own stage-2 recipe (h
 what was chosen and why.
 
 Run them from a converted HF LLaVA (`mirage convert hf-to-jax`): `init_inherit` copies its architecture and
-chat template into the run (`7b` / `13b` declare the LLaVA-1.5-hf dimensions too, so `mirage compile` lowers
-the real shapes without the checkpoint), and `data.path` is the `mirage data build --name=vlguard` output.
+chat template into the run (the converted LLaVA-1.5-hf block: its vocabulary padded to 32,064 and `<image>` =
+32000; the size table's `7b` / `13b`, 32,000 tokens, is what `mirage compile` lowers without the checkpoint),
+and `data.path` is the `mirage data build --name=vlguard` output.
 """
 
 from __future__ import annotations
@@ -36,17 +37,14 @@ def warmup(steps: int) -> int:
   return math.ceil(steps * WARMUP_RATIO)  # transformers' TrainingArguments.get_warmup_steps
 
 
+def size_of(arg: str | None) -> str:
+  return common.parse_arg(arg, size="7b").size
+
+
 def paper_config(arg: str | None, *, unlearning: dict | None = None) -> ml_collections.ConfigDict:
   """The shared block: model, data, schedule, judge; unlearning configs pass their `loss` block."""
-  a = common.parse_arg(arg, size="7b")
-  size = a.size
+  size = size_of(arg)
   c = common.unlearning_config(size, unlearning) if unlearning else common.training_config(size)
-  if size in ("7b", "13b"):
-    # llava-hf/llava-1.5-{7b,13b}-hf `config.json`: the vocabulary padded to 32,064, `<image>` = 32000, and
-    # LLaMA-2's 4,096 positions (training sequences stay at 2,048, below).
-    c.model.text.vocab_size = 32_064
-    c.model.text.max_len = 4_096
-    c.model.image_token_id = 32_000
   c.init_inherit = INHERIT
   c.data.name = "vlguard"
   c.data.path = ""  # required: the built VLGuard dataset directory

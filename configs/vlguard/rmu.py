@@ -12,14 +12,17 @@ after the first pass over the 2,000 retain rows (250 steps) every step returns 0
 steps is the training it actually did.
 """
 
+from mirage_configs.unlearn import rmu as generic
 from mirage_configs.vlguard import paper
 
 LAYER = 7  # `--rmu_layer_id 7` (0-based: the output of the 8th block)
 
 
 def get_config(arg: str | None = None):
+  size = paper.size_of(arg)
   c = paper.paper_config(arg, unlearning=dict(
-      name="rmu", layer=LAYER,  # trains layers LAYER-2..LAYER: `--rmu_layer_ids 5,6,7`
+      name="rmu",  # trains layers layer-2..layer: `--rmu_layer_ids 5,6,7`
+      layer=LAYER if size in ("7b", "13b") else generic.LAYER_BY_SIZE[size],  # smaller models: rmu.py's
       steering=10.0,  # `--rmu_steering_coeffs 10`
       mask="all"))  # the official loss covers every position
   c.loss.alpha = 1.0  # `--rmu_retain_alpha 1.0`
