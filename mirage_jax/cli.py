@@ -93,10 +93,7 @@ def _checksum(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: S
 
 @command("eval", "evaluate a trained run (or one checkpoint) on the dataset's splits")
 def _eval(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
-  group = parser.add_mutually_exclusive_group(required=True)
-  group.add_argument("--workdir", help="a run directory: its latest checkpoint and config.json")
-  group.add_argument("--checkpoint", help="a checkpoint step directory (…/checkpoints/<step>)")
-  parser.add_argument("--config", help="config spec to use instead of the run's saved config")
+  _add_run_flags(parser, "a run directory: its latest checkpoint and config.json")
   parser.add_argument("--splits", default="", help="comma-separated splits (default: config.eval.splits)")
   parser.add_argument("--out", default="", help="write the results JSON here too")
   _add_distributed_flags(parser)
@@ -326,10 +323,7 @@ def _convert(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Se
 
 @command("generate", "sample N candidate responses per query (forget-set construction), resumable JSONL")
 def _generate(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
-  group = parser.add_mutually_exclusive_group(required=True)
-  group.add_argument("--workdir", help="a run directory (its latest checkpoint), e.g. a converted base model")
-  group.add_argument("--checkpoint", help="a checkpoint step directory (.../checkpoints/<step>)")
-  parser.add_argument("--config", help="config spec to use instead of the run's saved config")
+  _add_run_flags(parser, "a run directory (its latest checkpoint), e.g. a converted base model")
   parser.add_argument("--split", default="", help="a split of the run's dataset (--config.data.path=BUILT)")
   parser.add_argument("--kinds", default="", help="only these instruction kinds of --split (e.g. unsafe_image)")
   parser.add_argument("--input", default="", help="a VLGuard-format JSON (train.json): its unsafe images' queries")
@@ -378,6 +372,14 @@ def _select(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seq
   _print_json(summary)
   print(select.summary_line(summary), file=sys.stderr)
   return 0
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, workdir_help: str) -> None:
+  """--workdir | --checkpoint (one of them, required) and --config: which trained model a command loads."""
+  group = parser.add_mutually_exclusive_group(required=True)
+  group.add_argument("--workdir", help=workdir_help)
+  group.add_argument("--checkpoint", help="a checkpoint step directory (…/checkpoints/<step>)")
+  parser.add_argument("--config", help="config spec to use instead of the run's saved config")
 
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
