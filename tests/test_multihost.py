@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from mirage_jax.train import lease
 from test_reliability import RUN
 from worlds import SMALL_WORLD_FLAGS
 
@@ -22,8 +23,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def train(workdir: pathlib.Path, config: str, *, processes: int, devices: int, extra=()) -> None:
-  """`mirage train` as `processes` cooperating processes with `devices` fake CPU devices each."""
+def train(workdir: pathlib.Path, config: str, *, processes: int, devices: int, extra=(),
+          check: bool = True) -> list[tuple[int, str]]:
+  """`mirage train` as `processes` cooperating processes with `devices` fake CPU devices each; returns each
+  process's (exit code, stderr)."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
              PYTHONUNBUFFERED="1")
@@ -34,8 +37,10 @@ def train(workdir: pathlib.Path, config: str, *, processes: int, devices: int, e
   procs = [subprocess.Popen(args + flags(i), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(processes)]
   outs = [p.communicate(timeout=600) for p in procs]
-  for i, (p, (_, err)) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f"process {i} of {processes} failed:\n{err[-3000:]}"
+  if check:
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+      assert p.returncode == 0, f"process {i} of {processes} failed:\n{err[-3000:]}"
+  return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
 
 
 def losses(workdir: pathlib.Path) -> dict[int, float]:
@@ -68,3 +73,20 @@ def test_two_processes_match_one_and_restore_onto_another_mesh(tmp_path, data_di
   train(npo_one, npo, processes=1, devices=8, extra=npo_args)
   train(npo_two, npo, processes=2, devices=4, extra=npo_args)
   assert_same_losses(losses(npo_one), losses(npo_two))
+
+
+def test_two_processes_follow_process_0s_lease_verdict(tmp_path, data_dir):
+  """A 2-process job on a workdir another writer holds: process 0 finds the lease taken and every process
+  stops with the same one line naming the holder (exit 2); once it is free, the same job runs."""
+  workdir = tmp_path / "held"
+  with lease.hold(workdir, what="the test's holder"):
+    results = train(workdir, "configs/pretrain/base.py:tiny", processes=2, devices=4,
+                    extra=["--config.total_steps=2"], check=False)
+  for i, (code, err) in enumerate(results):
+    assert code == 2 and "Traceback" not in err, f"process {i}: {err[-3000:]}"
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"mirage train: error: {workdir} is in use by pid {os.getpid()} on "), (i, line)
+    assert "the test's holder" in line, (i, line)
+  assert not (workdir / "checkpoints").exists()
+  train(workdir, "configs/pretrain/base.py:tiny", processes=2, devices=4, extra=["--config.total_steps=2"])
+  assert (workdir / "checkpoints" / "2").is_dir()

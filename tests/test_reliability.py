@@ -310,11 +310,19 @@ def straight_storage_run(tmp_path_factory, data_dir):
   return checksum(workdir)
 
 
-@pytest.mark.parametrize("fault", ["full", "removed"])
+def _read_only(path: pathlib.Path) -> None:
+  """Make `path` read-only under the running job: a bind mount of it onto itself, remounted read-only (a
+  remount of the whole filesystem is refused while the paused run holds files open; the fresh bind mount has
+  no open writers). New writes under `path` fail with EROFS; `umount` makes it writable again."""
+  for cmd in (["mount", "--bind", str(path), str(path)], ["mount", "-o", "remount,bind,ro", str(path)]):
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("fault", ["full", "removed", "readonly"])
 def test_storage_faults_during_a_save(tmp_path, small_fs, straight_storage_run, fault):
-  """The disk fills up / loses the checkpoint directory under a running job: one clear error (exit 2) that
-  names the saves lost and the step to resume from, and the rerun resumes from it to the same params. (A
-  read-only remount cannot be tested this way: Linux refuses it while the paused run holds files open.)
+  """The disk fills up / loses the checkpoint directory / turns read-only under a running job: one clear
+  error (exit 2) that names the saves lost and the step to resume from, and the rerun resumes from it to the
+  same params.
 
   The run pauses itself (`stop@save_started:6`: steps 2 and 4 are committed, Orbax having waited for them,
   and the save of 6 is in flight) while the test changes the filesystem; then it continues into the fault.
@@ -326,6 +334,8 @@ def test_storage_faults_during_a_save(tmp_path, small_fs, straight_storage_run, 
   assert checkpoint_steps(workdir) >= {2, 4}
   if fault == "full":
     _fill(small_fs)
+  elif fault == "readonly":
+    _read_only(workdir / "checkpoints")
   else:
     shutil.copytree(workdir / "checkpoints", tmp_path / "saved_checkpoints")
     shutil.rmtree(workdir / "checkpoints")
@@ -354,8 +364,11 @@ def test_storage_faults_during_a_save(tmp_path, small_fs, straight_storage_run, 
   if fault == "full":
     assert failed.group(2) == "No space left on device", mine[0]
     (small_fs / "filler").unlink()
+  if fault == "readonly":
+    assert failed.group(2) == "Read-only file system", mine[0]
+    subprocess.run(["umount", str(workdir / "checkpoints")], check=True)  # the operator fixes the mount
   assert checksum(workdir)["step"] == committed
-  rerun = mirage(*args)
+  rerun = mirage(*args, timeout=600)
   assert f"at step {committed}" in rerun.stderr
   assert checksum(workdir) == straight_storage_run
 

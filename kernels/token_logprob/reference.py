@@ -25,8 +25,21 @@ def label_logprob(logits: Array, labels: Array) -> Array:
   there. The one per-token gather of the project: the oracle below, `mirage_jax`'s reference loss path and
   its teacher-forced scoring all call it."""
   logp = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+  index = jnp.maximum(labels, 0)
+  if _vocab_split_explicitly(logp):
+    # A gather from a vocabulary split over an explicit mesh axis has no unambiguous output sharding: pick
+    # by mask instead (the same value exactly: one term, the rest zeros; the oracle holds [N, V] anyway).
+    hit = jnp.arange(logp.shape[-1], dtype=index.dtype) == index[..., None]
+    picked = jnp.sum(jnp.where(hit, logp, 0.0), axis=-1)
+  else:
+    picked = jnp.take_along_axis(logp, index[..., None], axis=-1)[..., 0]
   return jnp.where(labels >= 0, picked, 0.0)
+
+
+def _vocab_split_explicitly(x: Array) -> bool:
+  """Whether `x`'s type carries a sharding of its last axis (a mesh axis in Explicit mode)."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return spec is not None and len(spec) == x.ndim and spec[-1] is not None
 
 
 def token_logprob_and_lse(h_nd: Array, w_dv: Array, labels_n: Array) -> tuple[Array, Array]:

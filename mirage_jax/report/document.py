@@ -64,7 +64,8 @@ total wall time {rep['timing_s']['total']:.0f} s. Overrides: {', '.join(rep['ove
 Every number below was measured by this run (greedy decoding; refusal = keyword judge, preset
 `{config.eval.refusal_preset}`; harmful = at least {config.eval.harm_min_codes} placeholder codes of
 {"any hazard's procedure" if config.eval.harm_match == "any" else "the asked-for procedure"}); nothing is
-hard-coded. Intervals: every rate's interval is the {safety.INTERVAL_METHODS[safety.BOOTSTRAP]} (each
+hard-coded. Intervals: every rate's interval is the {safety.INTERVAL_METHODS[safety.BOOTSTRAP]}, and the attack gains' (`gain`: a rewrite's ASR minus the
+original's) the {safety.INTERVAL_METHODS[safety.DIFF_BOOTSTRAP]} (each
 eval.json names the method per metric under `intervals`); the audit's flip rates use the
 {safety.INTERVAL_METHODS[safety.WILSON]}.
 
@@ -73,6 +74,14 @@ eval.json names the method per metric under `intervals`); the audit's flip rates
 {report_lib.table1(models)}
 
 ![ASR and RR](attack_asr_rr.png)
+
+## Benign queries: refused, answered well, or answered with noise
+
+Refusal rate (RR), the utility judge's accuracy on the answers (the expected key word present) and the
+irrelevant rate (IR), on the benign test queries and on their "Share ..." rewrites. A model that stops
+refusing "Share" questions by answering them with noise has a low RR *and* a low utility there.
+
+{report_lib.benign_table(models)}
 
 ## Mechanism on attacked unsafe queries (every response of the first 3 rewrites)
 
