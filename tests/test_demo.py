@@ -56,6 +56,35 @@ def test_aggregate_adds_std_over_seeds():
   assert "utility_std" not in report_lib.aggregate([a])["m"]
 
 
+def test_aggregate_ci95_over_runs():
+  runs = [{"m": {"asr": {"original": x}, "utility": float("nan") if i == 0 else 50.0}}
+          for i, x in enumerate([10.0, 20.0, 30.0, 40.0])]
+  ci = report_lib.aggregate(runs)["m"]["ci95"]
+  lo, hi = ci["asr"]["original"]
+  assert 10.0 <= lo < 25.0 < hi <= 40.0
+  assert ci["utility"] == [50.0, 50.0]  # NaN runs left out
+  assert "ci95" not in report_lib.aggregate(runs[:1])["m"]
+
+
+def test_demo_grid_over_world_and_training_seeds(tmp_path, data_dir):
+  """`world_seeds=2`: worlds data.world.seed and +1, each its own data and runs; every run in `per_seed`,
+  the aggregate with intervals over runs, and report.md's per-run table."""
+  out = demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD_FLAGS, *FAST, "--config.data.world.seed=5"],
+                      stages=("base",), audit=False, world_seeds=2)
+  rep = json.loads((tmp_path / "report.json").read_text())
+  assert rep["world_seeds"] == [5, 6] and rep["seeds"] == [0]
+  assert [(r["world_seed"], r["seed"]) for r in rep["per_seed"]] == [(5, 0), (6, 0)]
+  assert set(rep["runs"]) == {"base", "base/w6"} and rep["runs"]["base"] != rep["runs"]["base/w6"]
+  utilities = [r["models"]["base"]["utility"] for r in rep["per_seed"]]
+  assert rep["models"]["base"]["utility"] == pytest.approx(sum(utilities) / 2)
+  assert len(rep["models"]["base"]["ci95"]["utility"]) == 2
+  text = (tmp_path / "report.md").read_text()
+  assert "Every run" in text and "world seeds [5, 6]" in text
+  assert out.report["timing_s"]["base/s0/w6"] > 0
+  with pytest.raises(demo.configlib.ConfigError, match="world_seeds=0"):
+    demo.run_demo(workdir=tmp_path / "none", overrides=list(FAST), stages=("base",), audit=False, world_seeds=0)
+
+
 @pytest.mark.slow
 def test_demo_reproduces_the_direction_of_every_effect(tmp_path, data_dir):
   """The whole demo at the default tiny size (about 10 minutes on 2 cores): every effect of the paper has

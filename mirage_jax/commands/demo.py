@@ -94,6 +94,7 @@ class StageRunner:
     self.root = root
     self.root.mkdir(parents=True, exist_ok=True)
     self.timing: dict[str, float] = {}
+    self.first_world: int | None = None  # timing keys name the world seed when it is not the first one's
     self._evaluators: dict[str, runner.SafetyEvaluator] = {}
 
   def run(self, point: sweep.Point, config: ml_collections.ConfigDict, *, upstream: StageRun | None = None,
@@ -124,7 +125,8 @@ class StageRunner:
       with lease.hold(run_dir, what=f"mirage demo (eval of {method})"):
         metrics = self._evaluators[key](params, responses_path=run_dir / "responses.jsonl")
         eval_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    self.timing[f"{method}/s{config.seed}"] = time.time() - t
+    world = config.data.world.seed
+    self.timing[f"{method}/s{config.seed}" + (f"/w{world}" if world != self.first_world else "")] = time.time() - t
     log.warning("%s %s: done in %.0f s", label, method, time.time() - t)
     return StageRun(run_dir=run_dir, fingerprint=fp, metrics=json.loads(eval_path.read_text()))
 
@@ -184,26 +186,46 @@ def _run_seed(runs: StageRunner, points: Sequence[sweep.Point], configs: Mapping
   return {p.labels["method"]: done[p.name] for p in points}
 
 
+def world_seeds_of(points: Sequence[sweep.Point], overrides: Sequence[str], world_seeds: int) -> list[int]:
+  """`data.world.seed + i` for i < `world_seeds`, the base seed read from the stage configs (after overrides)."""
+  if world_seeds < 1:
+    raise configlib.ConfigError(f"--world_seeds={world_seeds}: need at least 1 world")
+  first = point_configs(points[:1], overrides)[points[0].name].data.world.seed
+  return [first + i for i in range(world_seeds)]
+
+
 def run_demo(*, workdir: str | pathlib.Path, seeds: int = 1, size: str = "tiny", overrides: Sequence[str] = (),
-             stages: Sequence[str] = (), ablations: bool = False, audit: bool = True) -> DemoResult:
+             stages: Sequence[str] = (), ablations: bool = False, audit: bool = True,
+             world_seeds: int = 1) -> DemoResult:
+  """The grid: every world seed (`data.world.seed + i`, i < `world_seeds`: objects, hazards, held-out split,
+  templates) x every training seed (0..`seeds`-1). `report.json["per_seed"]` keeps each run's entries;
+  `models` aggregates them (means, stds and `ci95`, `report.aggregate`). The audit reads the first run's
+  models."""
   t0 = time.time()
   workdir = pathlib.Path(workdir)
   names = [n for n in methods.NAMES if not stages or n in stages]
   runs = StageRunner(workdir / "runs")
+  worlds = world_seeds_of(stage_points(names, size=size, seed=0), overrides, world_seeds)
+  runs.first_world = worlds[0]
   per_seed, run_dirs, seed0, configs = [], {}, {}, {}
-  for seed in range(seeds):
-    points = stage_points(names, size=size, seed=seed)
-    point_cfgs = point_configs(points, overrides)
-    done = _run_seed(runs, points, point_cfgs, seed=seed, t0=t0)
-    run_dirs.update({m: r.run_dir for m, r in done.items()})
-    if seed == 0:
-      seed0 = {m: r.run_dir for m, r in done.items()}
-      configs = {p.labels["method"]: point_cfgs[p.name] for p in points}
-    per_seed.append({m: report_lib.model_entry(r.metrics) for m, r in done.items()})
-  models = report_lib.aggregate(per_seed)
-  rep = {"models": models, "timing_s": dict(runs.timing), "seeds": list(range(seeds)), "size": size,
-         "overrides": list(overrides), "runs": {k: str(v) for k, v in run_dirs.items()},
-         "devices": jax.device_count()}
+  for world in worlds:
+    # The first world is the overrides' own (no extra override: its stage hashes stay those of a 1-world demo).
+    world_overrides = [*overrides, *([] if world == worlds[0] else [f"--config.data.world.seed={world}"])]
+    for seed in range(seeds):
+      points = stage_points(names, size=size, seed=seed)
+      point_cfgs = point_configs(points, world_overrides)
+      done = _run_seed(runs, points, point_cfgs, seed=seed, t0=t0)
+      if not seed0:
+        seed0 = {m: r.run_dir for m, r in done.items()}
+        configs = {p.labels["method"]: point_cfgs[p.name] for p in points}
+      suffix = "" if world == worlds[0] else f"/w{world}"
+      run_dirs.update({f"{m}{suffix}": r.run_dir for m, r in done.items()})
+      per_seed.append({"world_seed": world, "seed": seed,
+                       "models": {m: report_lib.model_entry(r.metrics) for m, r in done.items()}})
+  models = report_lib.aggregate([r["models"] for r in per_seed])
+  rep = {"models": models, "per_seed": per_seed, "timing_s": dict(runs.timing), "seeds": list(range(seeds)),
+         "world_seeds": worlds, "size": size, "overrides": list(overrides),
+         "runs": {k: str(v) for k, v in run_dirs.items()}, "devices": jax.device_count()}
   rep["timing_s"]["total"] = time.time() - t0
   if ablations:
     rep["ablation"] = run_world_ablation(runs, size=size, overrides=overrides)
@@ -214,6 +236,6 @@ def run_demo(*, workdir: str | pathlib.Path, seeds: int = 1, size: str = "tiny",
                                             out_dir=workdir / "audit")
     rep["timing_s"]["audit"] = rep["audit"]["timing_s"]
   checks = report_lib.target_checks(models)
-  loss_rows = {name: metrics_lib.read_metrics(d) for name, d in run_dirs.items()}
+  loss_rows = {name: metrics_lib.read_metrics(d) for name, d in seed0.items()}  # the first run's curves
   document.write(workdir, rep, checks=checks, loss_rows=loss_rows, config=next(iter(configs.values())))
   return DemoResult(workdir=workdir, report=rep, checks=checks)

@@ -54,15 +54,36 @@ def _mean_std(values: Sequence[Any]) -> tuple[Any, Any]:
   return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
+SEED_BOOTSTRAP = ("95% percentile interval of 1000 bootstrap resamples (seed 0) of the runs (world seed x "
+                  "training seed): the spread over seeds, not over queries within a run")
+
+
 def aggregate(per_seed: Sequence[Mapping[str, Mapping]]) -> dict:
-  """Per-seed model entries -> means, with `<key>_std` siblings when there is more than one seed."""
+  """Per-run model entries -> means, with `<key>_std` siblings and a `ci95` tree of [lo, hi] (the
+  `SEED_BOOTSTRAP` interval of the mean over runs; each run's own eval.json has the over-queries one) when
+  there is more than one run."""
   out = {}
   for name in per_seed[0]:
-    mean, std = _mean_std([seed[name] for seed in per_seed])
+    runs = [seed[name] for seed in per_seed]
+    mean, std = _mean_std(runs)
     if len(per_seed) > 1:
       _add_std(mean, std)
+      mean["ci95"] = _seed_ci(runs)
     out[name] = mean
   return out
+
+
+def _seed_ci(values: Sequence[Any], *, resamples: int = 1000) -> Any:
+  """Recursive [lo, hi] of the mean over runs, resampling runs with replacement (NaNs left out)."""
+  if isinstance(values[0], Mapping):
+    return {k: _seed_ci([v[k] for v in values], resamples=resamples) for k in values[0]}
+  x = np.asarray(values, np.float64)
+  x = x[~np.isnan(x)]
+  if x.size == 0:
+    return [math.nan, math.nan]
+  means = x[np.random.default_rng(0).integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+  lo, hi = np.percentile(means, [2.5, 97.5])
+  return [float(lo), float(hi)]
 
 
 def _add_std(mean: dict, std: dict) -> None:
@@ -93,6 +114,39 @@ def table1(models: Mapping[str, Mapping], *, k: int = 3) -> str:
     rows.append(f"| {LABELS.get(name, name)} | {fmt(*_v(m, 'asr', 'original'))} → "
                 f"{fmt(*_v(m, 'asr', 'what_k', str(k)))} | {fmt(*_v(m, 'asr', 'control'))} | "
                 f"{fmt(*_v(m, 'rr', 'safe'))} → {fmt(*_v(m, 'rr', 'share'))} | {fmt(*_v(m, 'utility'))} |")
+  return "\n".join(rows)
+
+
+def _ci(m: Mapping, *path: str) -> str:
+  node = m.get("ci95", {})
+  for p in path:
+    node = node.get(p, {}) if isinstance(node, Mapping) else {}
+  return f" [{node[0]:.1f}, {node[1]:.1f}]" if isinstance(node, list) and not math.isnan(node[0]) else ""
+
+
+GRID_COLUMNS = (("ASR original", ("asr", "original")), ("ASR attacked K=3", ("asr", "what_k", "3")),
+                ("gain K=1", ("gain", "what_1")), ("control gain", ("gain", "control")),
+                ("RR \"Share\"", ("rr", "share")), ("utility \"Share\"", ("utility_share",)),
+                ("utility", ("utility",)))
+
+
+def interval_table(models: Mapping[str, Mapping]) -> str:
+  """Means over every run with the over-runs bootstrap interval (`SEED_BOOTSTRAP`)."""
+  rows = ["| model | " + " | ".join(h for h, _ in GRID_COLUMNS) + " |", "|---|" + "---:|" * len(GRID_COLUMNS)]
+  for name, m in models.items():
+    rows.append(f"| {LABELS.get(name, name)} | " +
+                " | ".join(fmt(_v(m, *p)[0]) + _ci(m, *p) for _, p in GRID_COLUMNS) + " |")
+  return "\n".join(rows)
+
+
+def per_run_table(per_seed: Sequence[Mapping]) -> str:
+  """One row per (world seed, training seed, model)."""
+  rows = ["| world | seed | model | " + " | ".join(h for h, _ in GRID_COLUMNS) + " |",
+          "|---:|---:|---|" + "---:|" * len(GRID_COLUMNS)]
+  for run in per_seed:
+    for name, m in run["models"].items():
+      rows.append(f"| {run['world_seed']} | {run['seed']} | {LABELS.get(name, name)} | " +
+                  " | ".join(fmt(_v(m, *p)[0]) for _, p in GRID_COLUMNS) + " |")
   return "\n".join(rows)
 
 

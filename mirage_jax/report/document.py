@@ -43,6 +43,17 @@ def _checks_md(checks: Sequence[tuple[str, str, bool]]) -> str:
   return "\n".join(rows)
 
 
+def _grid(rep: Mapping) -> str:
+  """The seed grid's sections (more than one run only): means with intervals over runs, and every run."""
+  runs = rep.get("per_seed", [])
+  if len(runs) < 2:
+    return ""
+  return (f"## Over {len(runs)} runs: world seeds {rep['world_seeds']} x training seeds {rep['seeds']}\n\n"
+          f"Mean over the runs, in brackets the {report_lib.SEED_BOOTSTRAP}. Gains: a rewrite's ASR minus the "
+          f"original's (first rewrite of each query).\n\n{report_lib.interval_table(rep['models'])}\n\n"
+          f"### Every run\n\n{report_lib.per_run_table(runs)}\n\n")
+
+
 def write(workdir: pathlib.Path, rep: dict, *, checks: Sequence, loss_rows: Mapping[str, Sequence],
           config) -> None:
   models = rep["models"]
@@ -57,9 +68,11 @@ def write(workdir: pathlib.Path, rep: dict, *, checks: Sequence, loss_rows: Mapp
   plots.loss_curves({k: v for k, v in loss_rows.items() if k != "base"}, workdir / "loss_curves.png")
   sft_table = synthetic.format_first_word_table(synthetic.first_word_table(load_records(dataset.source("sft"))))
   seeds = len(rep["seeds"])
+  worlds = len(rep.get("world_seeds", [0]))
+  spread = " (mean ± std over runs)" if len(rep.get("per_seed", [])) > 1 else ""
   text = f"""# Safety mirage on the synthetic benchmark
 
-Model size `{rep['size']}`, {seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}, {rep['devices']} device(s),
+Model size `{rep['size']}`, {seeds} training seed(s) x {worlds} world seed(s){spread}, {rep['devices']} device(s),
 total wall time {rep['timing_s']['total']:.0f} s. Overrides: {', '.join(rep['overrides']) or 'none'}.
 Every number below was measured by this run (greedy decoding; refusal = keyword judge, preset
 `{config.eval.refusal_preset}`; harmful = at least {config.eval.harm_min_codes} placeholder codes of
@@ -93,7 +106,7 @@ refusing "Share" questions by answering them with noise has a low RR *and* a low
 
 ![K-shot](kshot_curve.png)
 
-## Targets of the experiment issue
+{_grid(rep)}## Targets of the experiment issue
 
 {_checks_md(checks)}
 

@@ -36,7 +36,7 @@ def attack_bars(models: Mapping[str, Mapping], path: pathlib.Path, *, k: int = 3
 def kshot_curve(models: Mapping[str, Mapping], path: pathlib.Path) -> None:
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for name, m in models.items():
-    ks = sorted(m["asr"]["what_k"], key=int)
+    ks = sorted((k for k in m["asr"]["what_k"] if k.isdigit()), key=int)  # not the `_std` siblings
     ax.plot([int(k) for k in ks], [m["asr"]["what_k"][k] for k in ks], marker="o", label=name)
   ax.set_xlabel('K ("What" rewrites per query)')
   ax.set_ylabel("question-level ASR (%)")
@@ -51,6 +51,8 @@ def kshot_curve(models: Mapping[str, Mapping], path: pathlib.Path) -> None:
 def loss_curves(runs: Mapping[str, Sequence[Mapping]], path: pathlib.Path) -> None:
   """`runs[name]` = rows of that run's metrics.jsonl; every loss term (keys other than bookkeeping)."""
   skip = {"step", "split", "time", "lr", "grad_norm"}
+  if not runs:  # a demo of the base alone: nothing to plot
+    return
   fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.0), squeeze=False)
   for ax, (name, rows) in zip(axes[0], runs.items()):
     train = [r for r in rows if r.get("split") == "train"]
