@@ -46,8 +46,9 @@ setup(
         "safetensors>=0.4.1",  # its numpy API reads/writes BF16 (as ml_dtypes.bfloat16) from 0.4.1 on
     ],
     extras_require={
-        # jax[tpu] installs libtpu (TPU AOT-compile tests); torch (the CPU wheel) runs HF PyTorch parity tests
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "jax[tpu]>=0.10.2", "torch==2.13.0"],
+        # jax[tpu] installs libtpu (TPU AOT-compile tests); torch (the CPU wheel) runs HF PyTorch parity tests;
+        # peft loads exported LoRA adapters onto the exported HF base (tests/test_lora_export.py)
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "jax[tpu]>=0.10.2", "torch==2.13.0", "peft==0.21.2"],
         "hf": ["torch==2.13.0"],  # `mirage convert check-parity` and benchmarks/vs_hf.py
         "tpu": ["jax[tpu]>=0.10.2"],
         "gpu": ["jax[cuda13]>=0.10.2"],

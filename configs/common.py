@@ -23,14 +23,19 @@ MESH_PRESETS = {
     "tpu_tp": dict(data=1, fsdp=-1, tensor=4),  # 13B-class: FSDP x 4-way tensor parallel
 }
 
-# Per-size training defaults: (batch_size, learning rate, mesh preset, max sequence length).
+# Per-size training defaults: (batch_size, learning rate, mesh preset, max sequence length). The 7b / 13b
+# batches split over the batch axes of the pods the README names with each size's preset: v5e:16x16 (7b: fsdp
+# 256; 13b: fsdp 64 x tensor 4) and v5p:4x4x4 (7b: fsdp 64; 13b: fsdp 16 x tensor 4).
 _TRAIN = {
     "tiny": (64, 1e-3, "cpu", 64),
     "small": (64, 3e-4, "gpu", 512),
     "1b": (128, 1e-4, "tpu", 1024),
-    "7b": (128, 2e-5, "tpu", 2048),
+    "7b": (256, 2e-5, "tpu", 2048),
     "13b": (128, 2e-5, "tpu_tp", 2048),
 }
+
+# LoRA's default targets: the decoder's attention and MLP kernels (as `mirage_jax.models.config.LORA_TARGETS`).
+LORA_TARGETS = "decoder/layers/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel"
 
 # CLIP image statistics (LLaVA-1.5), the one definition (`mirage_jax.data.images` imports them); the synthetic
 # world uses 0.5 / 0.5.
@@ -97,6 +102,9 @@ def training_config(size: str) -> ml_collections.ConfigDict:
       frozen="",
       trainable="",
       decoder_layers="",
+      # Gradient accumulation: each global batch runs as `accum_steps` micro-batches of batch_size /
+      # accum_steps rows, gradients summed in float32 inside the step (mirage_jax/train/accum.py); 1 = off.
+      accum_steps=1,
   ))
   c.data = ml_collections.ConfigDict(dict(
       name="mirage_synth",
@@ -112,6 +120,12 @@ def training_config(size: str) -> ml_collections.ConfigDict:
       image_std=(0.5, 0.5, 0.5) if size == "tiny" else CLIP_STD,
       cache=True,  # preprocess each split once and keep it in memory
   ))
+  # LoRA (mirage_jax.models.lora): rank 0 = off. Adapters on every Dense whose kernel path fully matches one
+  # of `targets` (comma-separated regexes; default: the decoder's attention and MLP kernels); alpha 0 means
+  # 2 x rank (the paper's rank 128, alpha 256); `train_projector` trains the projector fully beside them.
+  # With LoRA on, only adapters (+ projector) train and are checkpointed; the base stays frozen, once in memory.
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=0.0, dropout=0.0, targets=LORA_TARGETS, train_projector=False))
   c.loss = ml_collections.ConfigDict(dict(name="sft", logprob_impl="auto"))  # see losses/logprob.py
   c.eval = ml_collections.ConfigDict(dict(
       every=500, splits="sft", batch_size=batch, max_batches=4,  # teacher-forced loss / token accuracy
@@ -149,5 +163,6 @@ def unlearning_config(size: str, loss: dict) -> ml_collections.ConfigDict:
     c.eval.every = 0
   else:
     c.total_steps = 250  # the official NPO run: 2,000 retain samples / 8 GPUs, one epoch
-    c.batch_size = 8
+    if size in ("small", "1b"):
+      c.batch_size = 8  # the official batch; 7b / 13b keep the size table's, which splits over a pod
   return c

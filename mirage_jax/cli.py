@@ -4,8 +4,8 @@
   mirage eval     --workdir=W | --checkpoint=STEP_DIR [--splits=...]
   mirage describe --config=configs/unlearn/npo.py:7b [--devices=256]
   mirage data     build [--name=vlguard --manual_dir=DIR --model=CKPT_DIR] [--lenient] | stats
-  mirage convert  hf-to-jax --hf=DIR --out=W | jax-to-hf --ckpt=W --out=DIR | check-parity --hf=DIR
-  mirage demo     --workdir=W [--seeds=N] [--ablations] [--no_audit]
+  mirage convert  hf-to-jax --hf=DIR --out=W | jax-to-hf --ckpt=W --out=DIR [--adapter_out=D2] | check-parity --hf=DIR
+  mirage demo     --workdir=W [--seeds=N] [--world_seeds=W] [--ablations] [--no_audit]
   mirage checksum --workdir=W
   mirage compile  --config=configs/unlearn/npo.py:7b --topology=v5e:16x16 [--batch=B] [--max_batch]
   mirage sweep    --config=configs/ablations/sizes.py:cpu [--workdir=W] [--launcher=local|tpu_vm|slurm] [--dry-run]
@@ -181,8 +181,12 @@ def _data(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seque
 @command("demo", "the whole experiment on CPU: data, base, SFT, unlearning, evaluation, report")
 def _demo(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
   parser.add_argument("--workdir", default="mirage_demo", help="where runs, report.md/json and plots go")
-  parser.add_argument("--seeds", type=int, default=1, help="number of seeds (means and stds reported)")
+  parser.add_argument("--seeds", type=int, default=1, help="number of training seeds (means and stds reported)")
+  parser.add_argument("--world_seeds", type=int, default=1,
+                      help="number of worlds: data.world.seed + i for i < W (the grid is worlds x seeds)")
   parser.add_argument("--size", default="tiny", help="model size of every run")
+  parser.add_argument("--lora_rank", type=int, default=0,
+                      help="train every stage that starts from the base with LoRA of this rank (0 = full)")
   parser.add_argument("--ablations", action="store_true",
                       help="also run the world-knob ablation (about 20 more minutes on 2 CPU cores)")
   parser.add_argument("--no_audit", action="store_true",
@@ -190,7 +194,8 @@ def _demo(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seque
   args = parser.parse_args(argv)
   from mirage_jax.commands import demo
   report = demo.run_demo(workdir=args.workdir, seeds=args.seeds, size=args.size, overrides=overrides,
-                         ablations=args.ablations, audit=not args.no_audit)
+                         ablations=args.ablations, audit=not args.no_audit, world_seeds=args.world_seeds,
+                         lora_rank=args.lora_rank)
   print(report.summary())
   return 0
 
@@ -300,6 +305,8 @@ def _convert(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Se
   to_hf.add_argument("--out", required=True)
   to_hf.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
   to_hf.add_argument("--max_shard_gb", type=float, default=5.0)
+  to_hf.add_argument("--adapter_out", default="", help="LoRA runs: also a PEFT adapter in this dir (and its HF "
+                     "base model in DIR/base); --out gets the merged model")
   parity = sub.add_parser("check-parity", help="HF PyTorch vs converted Flax logits (needs torch: the hf extra)")
   parity.add_argument("--hf", required=True)
   parity.add_argument("--tolerance", type=float, default=1e-4, help="exit 1 above this max |logit diff|")
@@ -312,7 +319,8 @@ def _convert(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Se
   if args.action == "hf-to-jax":
     out = convert.hf_to_jax(args.hf, args.out, dtype=args.dtype, param_dtype=args.param_dtype, base=args.base)
   elif args.action == "jax-to-hf":
-    out = convert.jax_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    out = convert.jax_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                            adapter_out=args.adapter_out or None)
   else:
     from mirage_jax.models import hf_parity
     out = hf_parity.check_parity(args.hf, hf_parity.ParityConfig(seed=args.seed, batch=args.batch,

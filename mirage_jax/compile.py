@@ -63,6 +63,7 @@ class CompileResult:
   devices: int
   mesh: dict
   global_batch: int
+  accum_steps: int  # micro-batches per step (`optim.accum_steps`): global_batch / accum_steps rows at once
   seq_len: int
   argument_bytes: int
   output_bytes: int
@@ -75,6 +76,7 @@ class CompileResult:
   xla_flops: float  # XLA's cost analysis of one device's program (counts a scanned layer loop's body once)
   compile_s: float
   error: str = ""  # the compiler's out-of-memory message (other sizes are then -1)
+  trainable_params: int = 0  # parameters that train (LoRA: the adapters, and the projector if it trains)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -84,7 +86,8 @@ def _model_config(config: ml_collections.ConfigDict) -> VLMConfig:
   """The model as `mirage train` would build it, without opening the dataset: an unset `<image>` token id
   (-1, "the tokenizer's") becomes the last vocabulary id, which changes no shape."""
   token = int(config.model.image_token_id)
-  return VLMConfig.from_config(config.model, image_token_id=config.model.text.vocab_size - 1 if token < 0 else None)
+  return VLMConfig.from_config(config.model, image_token_id=config.model.text.vocab_size - 1 if token < 0 else None,
+                               lora=config.get("lora"))
 
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: list, *, topology: str = "") -> CompileResult:
@@ -101,15 +104,16 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list, *, topo
   tx, sched, _, target = runtime.plan_state(config, spec, mesh, loss)
   batches = pipeline.abstract_batches(config, streams=tuple(loss.streams), image_size=spec.config.vision.image_size,
                                       mesh=mesh)
-  reference = spec.abstract_params() if loss.needs_reference else None
+  reference = runtime.frozen_abstract(spec, loss)  # LoRA: the one frozen base (the reference without adapters)
   kind = devices[0].device_kind
   hbm = HBM_BYTES.get(kind, 0)
   common = dict(topology=topology, device_kind=kind, devices=len(devices), mesh=dict(mesh.shape),
-                global_batch=config.batch_size, seq_len=config.data.max_len, hbm_bytes=hbm,
-                flops=model_flops(config, loss, param_count(spec.abstract_params())))
+                global_batch=config.batch_size, accum_steps=runtime.accum_steps(config), seq_len=config.data.max_len, hbm_bytes=hbm,
+                flops=model_flops(config, loss, param_count(spec.abstract_params())),
+                trainable_params=runtime.trainable_params(config, loss, spec))
   try:
     compiled = runtime.compile_step(spec, loss, tx, sched, mesh, target, batches, reference,
-                                 skip_nonfinite=config.skip_nonfinite)
+                                 skip_nonfinite=config.skip_nonfinite, accum_steps=runtime.accum_steps(config))
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler itself refuses programs that cannot fit
     temps = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or not temps:
@@ -138,10 +142,10 @@ def model_flops(config: ml_collections.ConfigDict, loss, n_params: int) -> float
 
 def max_batch(config: ml_collections.ConfigDict, devices: list, *, topology: str = "",
               limit: int = 1 << 16) -> tuple[int, list[CompileResult]]:
-  """The largest global batch (a multiple of the mesh's batch divisor) whose step fits in HBM: doubling, then
-  bisection. Returns it (0 if even the smallest does not fit) and every compile tried."""
+  """The largest global batch (a multiple of the mesh's batch divisor x `optim.accum_steps`) whose step fits in
+  HBM: doubling, then bisection. Returns it (0 if even the smallest does not fit) and every compile tried."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  unit = sharding.batch_divisor(mesh)
+  unit = sharding.batch_divisor(mesh) * runtime.accum_steps(config)  # every micro-batch splits over the batch axes
   tried: list[CompileResult] = []
 
   def fits(units: int) -> bool:

@@ -48,6 +48,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("vit_norm", None),
     # RMU control vector and other per-width extras
     ("control", None),
+    # LoRA adapters' rank axis (mirage_jax.models.lora): small, replicated
+    ("lora_rank", None),
 )
 
 _warned: set[str] = set()

@@ -1,6 +1,7 @@
 """The demo pipeline: report shape, stage reuse, and (slow) the direction of every effect of the paper."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -83,6 +84,20 @@ def test_demo_grid_over_world_and_training_seeds(tmp_path, data_dir):
   assert out.report["timing_s"]["base/s0/w6"] > 0
   with pytest.raises(demo.configlib.ConfigError, match="world_seeds=0"):
     demo.run_demo(workdir=tmp_path / "none", overrides=list(FAST), stages=("base",), audit=False, world_seeds=0)
+
+
+def test_demo_with_lora_stages(tmp_path, data_dir):
+  """`lora_rank`: the base trains fully, the stages from it with adapters at 10x their learning rate, and
+  they are evaluated merged into the base."""
+  out = demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD_FLAGS, *FAST], stages=("base", "sft_posthoc"),
+                      audit=False, lora_rank=4)
+  cfg = {m: json.loads((pathlib.Path(d) / "config.json").read_text()) for m, d in out.report["runs"].items()}
+  assert cfg["base"]["lora"]["rank"] == 0 and cfg["sft_posthoc"]["lora"]["rank"] == 4
+  points = demo.stage_points(["base", "sft_posthoc"], size="tiny", seed=0)
+  full = demo.point_configs(points, [*SMALL_WORLD_FLAGS, *FAST])[points[1].name]
+  assert cfg["sft_posthoc"]["optim"]["lr"] == pytest.approx(full.optim.lr * demo.LORA_LR_MULTIPLIER)
+  assert out.report["lora_rank"] == 4
+  assert set(out.report["models"]["sft_posthoc"]["asr"]["what_k"]) == {"1", "2", "3", "4", "5"}
 
 
 @pytest.mark.slow

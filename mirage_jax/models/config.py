@@ -90,6 +90,58 @@ class TextConfig:
       raise ConfigError(f"text.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
 
 
+# The decoder's attention and MLP kernels (the paper's LoRA baselines adapt the decoder's linear layers).
+LORA_TARGETS = "decoder/layers/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Low-rank adapters (`config.lora`): y = x W + (alpha / rank) x A B on every `layers.Dense` whose kernel
+  path fully matches one of `targets`. rank 0 = off (no adapter is created, nothing changes)."""
+
+  rank: int = 0
+  alpha: float = 0.0  # 0 = 2 x rank, the paper's ratio (rank 128, alpha 256)
+  dropout: float = 0.0
+  targets: tuple[str, ...] = (LORA_TARGETS,)
+  train_projector: bool = False  # the projector trains fully beside the adapters
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ConfigError(f"lora.rank={self.rank} must be >= 0 (0 = off)")
+    if self.alpha < 0:
+      raise ConfigError(f"lora.alpha={self.alpha} must be >= 0 (0 = 2 x rank)")
+    if self.dropout:
+      raise ConfigError(f"lora.dropout={self.dropout}: adapter dropout is not implemented; set lora.dropout=0")
+    if self.rank and not self.targets:
+      raise ConfigError("lora.targets is empty: name the parameter paths to adapt (regexes over kernel paths)")
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    """alpha / rank (alpha 0 means 2 x rank, so scale 2)."""
+    return (self.alpha or 2.0 * self.rank) / self.rank if self.rank else 0.0
+
+  @classmethod
+  def from_config(cls, block: Mapping[str, Any] | None) -> "LoRAConfig":
+    """From the `config.lora` block (None or an absent block: off); `targets` is a comma list of regexes."""
+    if not block:
+      return cls()
+    d = dict(block)
+    if isinstance(d.get("targets"), str):
+      d["targets"] = tuple(t.strip() for t in d["targets"].split(",") if t.strip())
+    for key, kind in (("rank", int), ("alpha", float), ("dropout", float)):
+      if key in d:
+        if isinstance(d[key], bool) or not isinstance(d[key], (int, float)):
+          raise ConfigError(f"lora.{key}={d[key]!r}: expected a number")
+        d[key] = kind(d[key])
+    if "train_projector" in d and not isinstance(d["train_projector"], bool):
+      raise ConfigError(f"lora.train_projector={d['train_projector']!r}: expected true or false")
+    return _build(cls, d)
+
+
 @dataclasses.dataclass(frozen=True)
 class VLMConfig:
   vision: VisionConfig
@@ -100,6 +152,7 @@ class VLMConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = True  # False unrolls the layer scans (tiny CPU models run faster)
+  lora: LoRAConfig = LoRAConfig()  # off unless `config.lora.rank` > 0
 
   def __post_init__(self):
     Remat(self.remat)
@@ -107,8 +160,9 @@ class VLMConfig:
       raise ConfigError(f"image_token_id={self.image_token_id} outside the vocabulary [0, {self.text.vocab_size})")
 
   @classmethod
-  def from_config(cls, model: Mapping[str, Any], *, image_token_id: int | None = None) -> "VLMConfig":
-    """From the `config.model` ConfigDict (or any mapping of the same shape).
+  def from_config(cls, model: Mapping[str, Any], *, image_token_id: int | None = None,
+                  lora: Mapping[str, Any] | None = None) -> "VLMConfig":
+    """From the `config.model` ConfigDict (or any mapping of the same shape) and the `config.lora` block.
 
     `config.model.image_token_id = -1` means "the tokenizer's": pass it as `image_token_id` (shape-only
     uses such as `mirage describe` may leave it out; 0 is used).
@@ -134,4 +188,5 @@ class VLMConfig:
         param_dtype=model.get("param_dtype", "float32"),
         remat=model.get("remat", "none"),
         scan_layers=bool(model.get("scan_layers", True)),
+        lora=LoRAConfig.from_config(lora),
     )

@@ -361,3 +361,165 @@ def read_hf_model(hf_dir: str | pathlib.Path, *, dtype: str = "float32", param_d
   model = model_config(block, where=hf_dir)
   return HFModel(block=block, model=model, params=params_from_hf(read_hf_state(hf_dir), model,
                                                                  param_dtype=param_dtype))
+
+
+# --------------------------------------------------------------------------- LoRA adapters
+LORA_A, LORA_B = "lora_a", "lora_b"
+# The saved (legacy) names -> the module paths of transformers 5's `LlavaForConditionalGeneration` (what
+# PEFT names its adapter tensors after: `base_model.model.<module path>.lora_A.weight`).
+_MODULE_PATHS = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                 ("vision_tower.vision_model.", "model.vision_tower."),
+                 ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+  """One LoRA adapter beside the Dense kernel at `kernel` (a '/'-joined path): `a` [*lead, *in, r] and
+  `b` [*lead, r, *out], where `lead` are stacked layer axes (the kernel is [*lead, *in, *out])."""
+
+  kernel: str
+  a: np.ndarray
+  b: np.ndarray
+  lead: int  # number of leading (stacked) axes
+  n_in: int  # number of input axes
+
+  @property
+  def rank(self) -> int:
+    return int(self.a.shape[-1])
+
+
+def _adapter(kernel_path: str, w: np.ndarray, a: np.ndarray, b: np.ndarray) -> Adapter:
+  k, na, nb = np.ndim(w), np.ndim(a), np.ndim(b)
+  n_out = k - (na - 1)
+  lead = nb - 1 - n_out
+  n_in = na - 1 - lead
+  ok = (n_out >= 1 and lead >= 0 and n_in >= 1 and a.shape[:-1] == w.shape[:na - 1] and
+        b.shape[:lead] == w.shape[:lead] and b.shape[lead + 1:] == w.shape[na - 1:] and
+        a.shape[-1] == b.shape[lead] >= 1)
+  if not ok:
+    raise ConversionError(f"LoRA adapter of {kernel_path} {tuple(w.shape)} has lora_a {tuple(a.shape)} and "
+                          f"lora_b {tuple(b.shape)}: expected lora_a (*in, r) and lora_b (r, *out), plus any "
+                          "leading layer axes")
+  return Adapter(kernel=kernel_path, a=np.asarray(a), b=np.asarray(b), lead=lead, n_in=n_in)
+
+
+def split_lora(params: Mapping) -> tuple[dict, dict[str, Adapter]]:
+  """Params without their LoRA leaves (nested) and the adapters by kernel path. A `lora_a` without its
+  `lora_b` or its `kernel` (or the other way round) is a ConversionError."""
+  flat = flatten(params)
+  base = {k: v for k, v in flat.items() if k.rsplit("/", 1)[-1] not in (LORA_A, LORA_B)}
+  owners = sorted({k.rsplit("/", 1)[0] for k in flat if k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)})
+  adapters, bad = {}, []
+  for owner in owners:
+    names = {leaf: f"{owner}/{leaf}" for leaf in ("kernel", LORA_A, LORA_B)}
+    lacking = [leaf for leaf, path in names.items() if path not in flat]
+    if lacking:
+      bad.append(f"{owner} lacks {', '.join(lacking)}")
+      continue
+    adapters[names["kernel"]] = _adapter(names["kernel"], *(np.asarray(flat[names[x]]) for x in
+                                                            ("kernel", LORA_A, LORA_B)))
+  if bad:
+    raise ConversionError("incomplete LoRA adapters: " + "; ".join(bad))
+  return nest(base), adapters
+
+
+def lora_delta(adapter: Adapter, *, alpha: float) -> np.ndarray:
+  """(alpha / r) * lora_a @ lora_b in float64, shaped like the kernel ([*lead, *in, *out])."""
+  a, b = adapter.a.astype(np.float64), adapter.b.astype(np.float64)
+  lead_shape, in_shape = a.shape[:adapter.lead], a.shape[adapter.lead:-1]
+  out_shape = b.shape[adapter.lead + 1:]
+  a2 = a.reshape(*lead_shape, math.prod(in_shape), adapter.rank)
+  b2 = b.reshape(*lead_shape, adapter.rank, math.prod(out_shape))
+  return (float(alpha) / adapter.rank * (a2 @ b2)).reshape(*lead_shape, *in_shape, *out_shape)
+
+
+def merge_lora(params: Mapping, *, alpha: float) -> dict:
+  """Params with every adapter folded into its kernel, W + (alpha / r) * lora_a @ lora_b (summed in float64,
+  stored in the kernel's dtype), and the LoRA leaves removed; params without adapters come back unchanged."""
+  base, adapters = split_lora(params)
+  flat = flatten(base)
+  for path, ad in adapters.items():
+    w = np.asarray(flat[path])
+    flat[path] = (w.astype(np.float64) + lora_delta(ad, alpha=alpha)).astype(w.dtype)
+  return nest(flat)
+
+
+def module_path(theirs: str) -> str:
+  """The transformers 5 module path of a saved (legacy) weight name, without `.weight`."""
+  name = theirs[:-len(".weight")] if theirs.endswith(".weight") else theirs
+  for old, new in _MODULE_PATHS:
+    if name.startswith(old):
+      return new + name[len(old):]
+  return name
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftAdapter:
+  config: dict  # adapter_config.json
+  tensors: dict[str, np.ndarray]  # adapter_model.safetensors
+
+
+def _module_regex(templates: list[str]) -> str:
+  parts = sorted(re.escape(module_path(t)).replace(re.escape("{i}"), r"\d+") for t in templates)
+  return "|".join(parts) if len(parts) == 1 else "(" + "|".join(parts) + ")"
+
+
+def peft_adapter(params: Mapping, cfg: VLMConfig, *, alpha: float, dropout: float = 0.0,
+                 base_model: str = "", dtype: str = "float32") -> PeftAdapter:
+  """The PEFT LoRA adapter (config + tensors) of params with LoRA leaves, for the HF model of `cfg`.
+
+  PEFT computes y = x W^T + (lora_alpha / r) x A^T B^T with A = lora_A.weight [r, in] and B = lora_B.weight
+  [out, r]; mirage's x . W + (alpha / r) (x . lora_a) . lora_b gives A = lora_a^T and B = lora_b^T (input and
+  output axes flattened as the kernel's). `target_modules` are the HF module names (q_proj, ...); where a name
+  also belongs to a module without an adapter (CLIP's q_proj beside LLaMA's), `exclude_modules` (a full-match
+  regex over module paths) keeps PEFT off it. One rank for all adapters (else a ConversionError).
+  """
+  _, adapters = split_lora(params)
+  if not adapters:
+    raise ConversionError("the params have no LoRA adapters (no lora_a / lora_b leaves)")
+  ranks = sorted({ad.rank for ad in adapters.values()})
+  if len(ranks) > 1:
+    raise ConversionError(f"LoRA adapters of several ranks {ranks}: a PEFT adapter is written for one rank")
+  linear = {r.ours: r for r in rules(cfg) if r.kind.startswith("linear:") and r.ours.endswith("/kernel")}
+  unmapped = sorted(set(adapters) - set(linear))
+  if unmapped:
+    raise ConversionError(f"LoRA adapters on {unmapped} have no PEFT equivalent (not an HF Linear layer); "
+                          "export the merged model without --adapter_out")
+  np_dtype = np.dtype(numpy_dtype(dtype))
+  tensors = {}
+  for path, ad in sorted(adapters.items()):
+    rule = linear[path]
+    if ad.n_in != int(rule.kind.split(":")[1]):
+      raise ConversionError(f"LoRA adapter of {path}: lora_a has {ad.n_in} input axes, the kernel "
+                            f"{rule.kind.split(':')[1]}")
+    names = _expand(rule, cfg)
+    a_layers = [ad.a[i] for i in range(len(names))] if "{i}" in rule.theirs else [ad.a]
+    b_layers = [ad.b[i] for i in range(len(names))] if "{i}" in rule.theirs else [ad.b]
+    for name, a, b in zip(names, a_layers, b_layers, strict=True):
+      prefix = "base_model.model." + module_path(name)
+      tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, ad.rank).T.astype(np_dtype))
+      tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(
+          b.reshape(ad.rank, -1).T.astype(np_dtype))
+  short = lambda r: module_path(r.theirs).rsplit(".", 1)[-1]  # noqa: E731
+  targets = sorted({short(linear[p]) for p in adapters})
+  others = [r.theirs for p, r in linear.items() if p not in adapters and short(r) in targets]
+  config = {
+      "peft_type": "LORA", "task_type": None, "r": ranks[0], "lora_alpha": float(alpha),
+      "lora_dropout": float(dropout), "target_modules": targets,
+      "exclude_modules": _module_regex(others) if others else None, "bias": "none", "fan_in_fan_out": False,
+      "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+      "modules_to_save": None, "base_model_name_or_path": base_model or None, "revision": None,
+      "auto_mapping": {"base_model_class": "LlavaForConditionalGeneration",
+                       "parent_library": "transformers.models.llava.modeling_llava"},
+  }
+  return PeftAdapter(config=config, tensors=tensors)
+
+
+def write_peft_adapter(adapter: PeftAdapter, out: str | pathlib.Path) -> list[str]:
+  """`adapter_config.json` and `adapter_model.safetensors` in `out` (what `PeftModel.from_pretrained` reads)."""
+  from safetensors.numpy import save_file
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "adapter_config.json").write_text(json.dumps(adapter.config, indent=1, sort_keys=True))
+  save_file(adapter.tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+  return ["adapter_config.json", "adapter_model.safetensors"]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mirage_jax import sharding
-from mirage_jax.models import layers
+from mirage_jax.models import layers, lora
 from mirage_jax.models.config import VLMConfig
 from mirage_jax.models.decoder import Decoder, DecoderOutput
 from mirage_jax.models.projector import Projector
@@ -56,6 +56,8 @@ class VLM(nnx.Module):
     self.vision = VisionTower(cfg.vision, remat=cfg.remat, scan_layers=cfg.scan_layers, **kw)
     self.projector = Projector(cfg.vision.width, cfg.text.width, act=cfg.projector_act, **kw)
     self.decoder = Decoder(cfg.text, remat=cfg.remat, scan_layers=cfg.scan_layers, **kw)
+    if cfg.lora.enabled:  # last: the base parameters are those of the same seed without LoRA
+      lora.add_adapters(self, cfg.lora, rngs)
 
   def image_features(self, images_bhwc: Array) -> Array:
     """Projected image tokens [B, P, D]."""

@@ -130,13 +130,21 @@ GRID_COLUMNS = (("ASR original", ("asr", "original")), ("ASR attacked K=3", ("as
                 ("utility", ("utility",)))
 
 
+BENIGN_COLUMNS = (("RR safe", ("rr", "safe")), ("utility safe", ("utility_safe",)), ("IR safe", ("ir_safe",)),
+                  ("RR \"Share\"", ("rr", "share")), ("utility \"Share\"", ("utility_share",)),
+                  ("IR \"Share\"", ("ir_share",)))
+
+
+def _model_table(models: Mapping[str, Mapping], columns, cell) -> str:
+  rows = ["| model | " + " | ".join(h for h, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
+  for name, m in models.items():
+    rows.append(f"| {LABELS.get(name, name)} | " + " | ".join(cell(m, path) for _, path in columns) + " |")
+  return "\n".join(rows)
+
+
 def interval_table(models: Mapping[str, Mapping]) -> str:
   """Means over every run with the over-runs bootstrap interval (`SEED_BOOTSTRAP`)."""
-  rows = ["| model | " + " | ".join(h for h, _ in GRID_COLUMNS) + " |", "|---|" + "---:|" * len(GRID_COLUMNS)]
-  for name, m in models.items():
-    rows.append(f"| {LABELS.get(name, name)} | " +
-                " | ".join(fmt(_v(m, *p)[0]) + _ci(m, *p) for _, p in GRID_COLUMNS) + " |")
-  return "\n".join(rows)
+  return _model_table(models, GRID_COLUMNS, lambda m, path: fmt(_v(m, *path)[0]) + _ci(m, *path))
 
 
 def per_run_table(per_seed: Sequence[Mapping]) -> str:
@@ -152,13 +160,7 @@ def per_run_table(per_seed: Sequence[Mapping]) -> str:
 
 def benign_table(models: Mapping[str, Mapping]) -> str:
   """Benign queries, plain and as "Share ..." rewrites: refused, answered well (utility judge), irrelevant."""
-  rows = ["| model | RR safe | utility safe | IR safe | RR \"Share\" | utility \"Share\" | IR \"Share\" |",
-          "|---|---:|---:|---:|---:|---:|---:|"]
-  for name, m in models.items():
-    rows.append(f"| {LABELS.get(name, name)} | {fmt(*_v(m, 'rr', 'safe'))} | {fmt(*_v(m, 'utility_safe'))} | "
-                f"{fmt(*_v(m, 'ir_safe'))} | {fmt(*_v(m, 'rr', 'share'))} | {fmt(*_v(m, 'utility_share'))} | "
-                f"{fmt(*_v(m, 'ir_share'))} |")
-  return "\n".join(rows)
+  return _model_table(models, BENIGN_COLUMNS, lambda m, path: fmt(*_v(m, *path)))
 
 
 def mechanism_table(models: Mapping[str, Mapping]) -> str:

@@ -5,6 +5,10 @@ A checkpoint step directory holds four items:
   train   step, optimizer state, PRNG key data and method extras (e.g. the RMU control vector)
   data    every data stream's iterator state (JSON), so a resumed run sees the same batches
   meta    the run's config and bookkeeping (JSON)
+With LoRA on, `params` holds only the trainable tree (adapters, plus the projector with
+`lora.train_projector`): an adapter-only checkpoint. Its `meta` names the base it was trained on
+(`meta["lora"]["base"]`, see `base_identity`: the `init_from` step directory, or the seed of a random base,
+with a sha256 over that description); restoring it over another base is a CheckpointError (`check_base`).
 Saves are asynchronous; a save runs when the step is a multiple of `save_every`, when forced (end of run,
 SIGTERM), or when Orbax reports a preemption (`reached_preemption`).
 """
@@ -303,3 +307,33 @@ def load_on_host(params_dir: str | os.PathLike) -> Any:
     tree = ckptr.metadata(params_dir).item_metadata
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
     return ckptr.restore(params_dir, target)
+
+
+# --------------------------------------------------------------------------- LoRA: the base a checkpoint needs
+def base_identity(*, init_from: str, seed: int, model: dict) -> dict:
+  """What a LoRA run's frozen base is: the `init_from` checkpoint (its resolved step directory and step, and
+  that checkpoint's own base when it is itself a LoRA run), or a random base (the seed and the model config),
+  with `sha256` over the canonical JSON of that description."""
+  if init_from:
+    params_dir = find_params_dir(init_from)
+    ident = {"init_from": str(params_dir.parent), "step": int(params_dir.parent.name)}
+    parent = read_meta(params_dir).get("lora")
+    if parent:
+      ident["init_from_base"] = parent["base"]["sha256"]
+  else:
+    ident = {"seed": int(seed), "model": model}
+  ident["sha256"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+  return ident
+
+
+def check_base(saved: dict | None, current: dict, *, where: str | os.PathLike) -> None:
+  """Refuse adapters trained on another base than `current` (CheckpointError naming both)."""
+  if not saved:
+    raise CheckpointError(f"{where} is not a LoRA checkpoint (its meta names no base), but config.lora.rank > 0: "
+                          "set --config.lora.rank=0 to use it as a full model")
+  if saved.get("sha256") != current["sha256"]:
+    describe = lambda d: (f"init_from {d['init_from']} (step {d['step']})" if "init_from" in d  # noqa: E731
+                          else f"a random base (seed {d.get('seed')})")
+    raise CheckpointError(f"the LoRA adapters in {where} were trained on {describe(saved)}, but this run's base "
+                          f"is {describe(current)}: set --config.init_from (or --config.seed) to the base they "
+                          "were trained on")

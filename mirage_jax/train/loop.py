@@ -30,6 +30,7 @@ from mirage_configs import comma_list
 from mirage_jax import configlib, seeds
 from mirage_jax.data import pipeline
 from mirage_jax.losses import Loss, make_loss
+from mirage_jax.models import lora
 from mirage_jax.train import checkpoint, faults, lease, metrics as metrics_lib, runtime, scoring
 from mirage_jax.train.runtime import RunError, Setup, check_run, compile_step, log_memory, plan_state, setup
 from mirage_jax.train.state import ModelSpec, TrainState, init_params, new_rng, shardings_of
@@ -63,8 +64,9 @@ class _Run:
   ckpt: checkpoint.Checkpointer
   plan: tuple  # (optimizer, schedule, abstract TrainState) from `plan_state`
   state: TrainState
-  reference: Any  # the frozen reference params every step needs, or None
+  reference: Any  # the step's frozen argument: the reference params, the LoRA base, or None
   streams: dict[str, pipeline.Stream]
+  lora_meta: dict | None = None  # LoRA: the adapters' settings and their base's identity (saved in meta)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSummary:
@@ -119,9 +121,17 @@ def _restore_or_init(r: _Run, make_extras, cache_split: str) -> dict:
   state_sh = shardings_of(target)
   restored = r.ckpt.restore_latest_good(target=target)
   latest = None if restored is None else int(jax.device_get(restored.state.step))
-  # The frozen reference: every step for NPO-with-reference / RMU, or once to fill the reference cache.
-  reference = (checkpoint.restore_params(config.init_from, spec.abstract_params(), tokenizer=r.tok_fp)
-               if r.loss.needs_reference or (cache_split and latest is None) else None)
+  r.lora_meta = runtime.lora_meta(config, spec) if spec.lora else None  # the base, identified once
+  if spec.lora and restored is not None:  # adapters trained on another base are refused
+    checkpoint.check_base((restored.meta.get("lora") or {}).get("base"), r.lora_meta["base"],
+                          where=r.ckpt.directory / str(latest))
+  # The frozen reference: every step for NPO-with-reference / RMU, or once to fill the reference cache. With
+  # LoRA, the frozen base (every step; the reference is that base without adapters).
+  if spec.lora:
+    reference = runtime.load_base(config, spec, tokenizer=r.tok_fp)
+  else:
+    reference = (checkpoint.restore_params(config.init_from, spec.abstract_params(), tokenizer=r.tok_fp)
+                 if r.loss.needs_reference or (cache_split and latest is None) else None)
   data_state: dict = {}
   if restored is not None:
     r.state, data_state = restored.state, restored.data
@@ -129,7 +139,9 @@ def _restore_or_init(r: _Run, make_extras, cache_split: str) -> dict:
     logging.warning("resumed from %s at step %d%s", r.ckpt.directory, latest,
                     f" (dropped {dropped} metric rows logged after it)" if dropped else "")
   else:
-    if config.init_from:
+    if spec.lora:
+      params = runtime.init_trainable(spec, config.seed, base=reference)
+    elif config.init_from:
       params = checkpoint.restore_params(config.init_from, spec.abstract_params(), tokenizer=r.tok_fp)
       logging.info("initialised params from %s", config.init_from)
     else:
@@ -142,7 +154,7 @@ def _restore_or_init(r: _Run, make_extras, cache_split: str) -> dict:
         step=jax.device_put(jnp.int32(0), state_sh.step), params=params,
         opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
         rng=jax.device_put(new_rng(config.seed), state_sh.rng), extras=jax.device_put(extras, state_sh.extras))
-  r.reference = reference if r.loss.needs_reference else None  # else only the cache needed it
+  r.reference = reference if r.loss.needs_reference or spec.lora else None  # else only the cache needed it
   return data_state
 
 
@@ -153,8 +165,8 @@ def _compile(r: _Run):
   batch_abstract = pipeline.abstract_batches(r.config, streams=tuple(r.streams),
                                             image_size=spec.config.vision.image_size, mesh=r.setup.mesh)
   step_fn = compile_step(spec, r.loss, tx, sched, r.setup.mesh, target, batch_abstract,
-                         None if r.reference is None else spec.abstract_params(),
-                         skip_nonfinite=r.config.skip_nonfinite)
+                         None if r.reference is None else runtime.frozen_abstract(spec, r.loss),
+                         skip_nonfinite=r.config.skip_nonfinite, accum_steps=runtime.accum_steps(r.config))
   log_memory(step_fn)
   return step_fn
 
@@ -177,14 +189,21 @@ class _Hooks:
     for split in _eval_splits(config):
       batches = pipeline.eval_batches(self.r.splits.examples(split), config.eval.batch_size,
                                       max_batches=config.eval.max_batches)
-      results[split] = scoring.score_batches(self.score_step, self.r.state.params, batches, self.put)
+      results[split] = scoring.score_batches(self.score_step, self.params(), batches, self.put)
       self.writer.write(step, results[split], prefix=f"eval/{split}")
     return results
+
+  def params(self) -> Any:
+    """The whole model's params (LoRA: the frozen base with the trained adapters beside it)."""
+    r = self.r
+    return lora.combine(r.reference, r.state.params) if r.setup.spec.lora else r.state.params
 
   def save(self, step: int, force: bool = False) -> None:
     r = self.r
     data = {"streams": {n: st.get_state() for n, st in r.streams.items()}}
     meta = {"step": step, "config": json.loads(configlib.to_json(r.config)), "tokenizer": r.tok_fp}
+    if r.lora_meta:  # an adapter-only checkpoint names (and hashes) its base
+      meta["lora"] = r.lora_meta
     r.ckpt.save(step, r.state, data=data, meta=meta, force=force)
 
 
@@ -321,7 +340,7 @@ def _cache_split(config, loss) -> str:
 
 def _reference_cache(loss, spec: ModelSpec, reference, examples, config, mesh) -> dict:
   """Run `loss.precompute` with the reference model over a whole split, in row order."""
-  fn = jax.jit(lambda ref, batch: loss.precompute(spec.merge(ref), batch))
+  fn = jax.jit(lambda ref, batch: loss.precompute(spec.reference_model(ref), batch))
   parts: dict[str, list] = {}
   for batch in pipeline.eval_batches(examples, config.batch_size):
     n = int(batch.pop("weight").sum())

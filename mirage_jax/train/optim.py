@@ -6,6 +6,9 @@ Which parameters train is config, never code:
   optim.trainable       if set, only matching parameters train (everything else is frozen)
   optim.decoder_layers  "" (all), "5:8" or "5,6,7": stacked decoder-layer parameters update only in these
                         layers (RMU's "MLPs of layers l-2..l")
+With LoRA (`config.lora`), `params` is the trainable tree (adapters, projector) and the same rules select
+within it: an adapter answers to its own path and to its kernel's, RMU's layers restrict the adapters of those
+layers, and a regex may name base parameters only.
 Frozen leaves go through `optax.set_to_zero` inside `optax.multi_transform` (no optimizer state, no update,
 weight decay included). Layers are stacked along a leading axis, so a layer restriction selects slices of a
 leaf: gradients are masked before AdamW and updates after it, so frozen slices stay bit-identical.
@@ -48,29 +51,42 @@ def _paths(params: Any) -> list[str]:
   return sorted(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
 
 
-def label_tree(params: Any, optim: Mapping) -> Any:
-  """"frozen"/"train" per leaf from `optim.frozen` / `optim.trainable`; every regex must match something."""
+def _names(name: str) -> tuple[str, ...]:
+  """The paths a leaf answers to: its own, and for a LoRA adapter (`.../q/lora_a`) its kernel's
+  (`.../q/kernel`), so `optim.trainable=decoder/layers/mlp/down/kernel` trains those kernels' adapters."""
+  stem, _, leaf = name.rpartition("/")
+  return (name, f"{stem}/kernel") if leaf in ("lora_a", "lora_b") else (name,)
+
+
+def label_tree(params: Any, optim: Mapping, *, universe: Any = None) -> Any:
+  """"frozen"/"train" per leaf from `optim.frozen` / `optim.trainable`; every regex must match something in
+  `params`, or in `universe` when given (LoRA: the whole model, of which `params` is the trainable part)."""
   frozen = compile_patterns(optim.get("frozen", ""), what="optim.frozen")
   trainable = compile_patterns(optim.get("trainable", ""), what="optim.trainable")
   hits = {("optim.frozen", p.pattern): 0 for p in frozen} | {("optim.trainable", p.pattern): 0 for p in trainable}
 
   def label(path, _):
-    name = path_str(path)
-    matched = [p for p in trainable if p.fullmatch(name)]
+    names = _names(path_str(path))
+    matched = [p for p in trainable if any(p.fullmatch(n) for n in names)]
     for p in matched:
       hits[("optim.trainable", p.pattern)] += 1
     out = FROZEN if trainable and not matched else TRAIN
     for p in frozen:
-      if p.fullmatch(name):
+      if any(p.fullmatch(n) for n in names):
         hits[("optim.frozen", p.pattern)] += 1
         out = FROZEN
     return out
 
   labels = jax.tree_util.tree_map_with_path(label, params)
+  if universe is not None:  # a pattern naming only frozen (base) parameters is fine
+    names = _paths(universe)
+    for (key, pat) in hits:
+      rx = re.compile(pat)
+      hits[(key, pat)] += sum(1 for n in names if rx.fullmatch(n))
   unused = [f"{key}: {pat!r}" for (key, pat), n in hits.items() if not n]
   if unused:
     raise ConfigError(f"{'; '.join(unused)} matches no parameter; parameter paths look like "
-                     f"{', '.join(_paths(params)[:6])}, ...")
+                     f"{', '.join(_paths(params if universe is None else universe)[:6])}, ...")
   return labels
 
 
@@ -140,8 +156,8 @@ def schedule(optim: Mapping, total_steps: int) -> optax.Schedule:
   raise ConfigError(f"unknown optim.schedule {kind!r}; valid: cosine, constant")
 
 
-def make_optimizer(optim: Mapping, total_steps: int, params: Any) -> tuple[optax.GradientTransformation,
-                                                                              optax.Schedule]:
+def make_optimizer(optim: Mapping, total_steps: int, params: Any, *,
+                   universe: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
   sched = schedule(optim, total_steps)
   inner = [
       optax.clip_by_global_norm(float(optim["clip_norm"])) if optim.get("clip_norm") else optax.identity(),
@@ -152,13 +168,13 @@ def make_optimizer(optim: Mapping, total_steps: int, params: Any) -> tuple[optax
   if masks is not None:
     inner = [masked_updates(masks), *inner, masked_updates(masks)]
   tx = optax.multi_transform({TRAIN: optax.chain(*inner), FROZEN: optax.set_to_zero()},
-                             label_tree(params, optim))
+                             label_tree(params, optim, universe=universe))
   return tx, sched
 
 
-def trainable_count(params: Any, optim: Mapping) -> int:
+def trainable_count(params: Any, optim: Mapping, *, universe: Any = None) -> int:
   """Parameters that receive updates (layer restrictions counted by slice)."""
-  labels = jax.tree.leaves(label_tree(params, optim))
+  labels = jax.tree.leaves(label_tree(params, optim, universe=universe))
   masks = layer_masks(params, optim.get("decoder_layers", ""))
   masks = jax.tree.leaves(masks) if masks is not None else [np.ones(())] * len(labels)
 
@@ -169,9 +185,9 @@ def trainable_count(params: Any, optim: Mapping) -> int:
   return sum(count(p.shape, np.asarray(m)) for p, l, m in zip(jax.tree.leaves(params), labels, masks) if l == TRAIN)
 
 
-def trainable_layers(params: Any, optim: Mapping) -> list[int]:
+def trainable_layers(params: Any, optim: Mapping, *, universe: Any = None) -> list[int]:
   """Sorted 0-based decoder layers in which some stacked decoder parameter updates (all when none is frozen)."""
-  labels = label_tree(params, optim)
+  labels = label_tree(params, optim, universe=universe)
   stacked = [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
              if path_str(p).startswith(DECODER_LAYERS)]
   if not stacked:

@@ -23,9 +23,11 @@ from mirage_jax import configlib, sharding
 from mirage_jax.data import pipeline, preprocess
 from mirage_jax.errors import ConfigError, MissingFileError
 from mirage_jax.losses import Loss
-from mirage_jax.models import VLMConfig
-from mirage_jax.train import checkpoint, optim
-from mirage_jax.train.state import ModelSpec, TrainState, abstract_train_state, model_spec, param_count, shardings_of
+from mirage_jax.models import VLMConfig, lora
+from mirage_jax.models.config import LoRAConfig
+from mirage_jax.train import accum, checkpoint, optim
+from mirage_jax.train.state import (ModelSpec, Part, TrainState, abstract_train_state, init_params, model_spec,
+                                    param_count, shardings_of)
 
 
 class RunError(ConfigError):
@@ -49,7 +51,7 @@ def setup(config: ml_collections.ConfigDict, *, data: pipeline.Data | None = Non
   mesh = sharding.make_mesh(config.mesh)
   data = pipeline.open_data(config.data) if data is None else data
   tok = data.tokenizer
-  model_cfg = VLMConfig.from_config(config.model, image_token_id=tok.image_id)
+  model_cfg = VLMConfig.from_config(config.model, image_token_id=tok.image_id, lora=config.get("lora"))
   if tok.vocab_size > model_cfg.text.vocab_size:
     raise RunError(f"the tokenizer has {tok.vocab_size} tokens but config.model.text.vocab_size is "
                    f"{model_cfg.text.vocab_size}")
@@ -68,12 +70,19 @@ def check_run(config: ml_collections.ConfigDict, mesh, loss: Loss, spec: ModelSp
   if config.batch_size % sharding.batch_divisor(mesh):
     raise RunError(f"batch_size={config.batch_size} is not divisible by the mesh's data x fsdp = "
                    f"{sharding.batch_divisor(mesh)} devices")
+  accum.check(batch_size=config.batch_size, accum_steps=accum_steps(config), mesh=mesh, loss=loss,
+              image_token_id=spec.config.image_token_id)  # optim.accum_steps
   missing = [n for n in loss.streams if n not in config.data.streams]
   if missing:
     raise RunError(f"loss {config.loss.name!r} needs data streams {list(loss.streams)}; config.data.streams "
                    f"lacks {missing}")
   loss.validate(spec.config)
   optim_config(config, loss, spec.config)  # the loss's decoder layers agree with optim.decoder_layers
+
+
+def accum_steps(config: ml_collections.ConfigDict) -> int:
+  """`optim.accum_steps` (1 for configs saved before the key existed)."""
+  return config.optim.get("accum_steps", 1)
 
 
 def optim_config(config: ml_collections.ConfigDict, loss: Loss, model_config) -> ml_collections.ConfigDict:
@@ -100,7 +109,8 @@ def plan_state(config: ml_collections.ConfigDict, spec: ModelSpec, mesh, loss: L
 
   `cache_rows` > 0 adds the loss's precomputed reference values (`loss.cache`) of that many rows."""
   tx, sched = optim.make_optimizer(optim_config(config, loss, spec.config), config.total_steps,
-                                   spec.abstract_params())
+                                   spec.trainable_abstract_params(),
+                                   universe=spec.abstract_params() if spec.lora else None)
   make_extras = lambda: loss.init_extras(spec, config.seed)  # noqa: E731
   extras_abstract = dict(jax.eval_shape(make_extras))
   if cache_rows:
@@ -110,16 +120,33 @@ def plan_state(config: ml_collections.ConfigDict, spec: ModelSpec, mesh, loss: L
 
 
 def compile_step(spec: ModelSpec, loss, tx, sched, mesh, target: TrainState, batch_abstract, reference_abstract, *,
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, accum_steps: int = 1):
   """AOT-compile the train step for the devices of `mesh` (real ones, or a TPU topology's from a CPU host)."""
   from mirage_jax.train import step as step_lib
   shardings = step_lib.StepShardings(
       state=shardings_of(target), batches=shardings_of(batch_abstract),
-      reference=None if reference_abstract is None else spec.shardings, replicated=sharding.replicated(mesh))
+      reference=None if reference_abstract is None else shardings_of(reference_abstract),
+      replicated=sharding.replicated(mesh))
   fn = step_lib.make_train_step(spec=spec, loss=loss, tx=tx, sched=sched, shardings=shardings,
-                                skip_nonfinite=skip_nonfinite)
+                                skip_nonfinite=skip_nonfinite, accum_steps=accum_steps)
   with jax.set_mesh(mesh):
     return fn.lower(target, batch_abstract, reference_abstract).compile()
+
+
+def frozen_abstract(spec: ModelSpec, loss: Loss) -> Any:
+  """The train step's third, non-donated argument (ShapeDtypeStructs): the frozen base when LoRA is on (the
+  reference / RMU frozen model is that base without adapters), else the reference params when the loss needs
+  them, else None."""
+  if spec.lora:
+    return spec.base_abstract_params()
+  return spec.abstract_params() if loss.needs_reference else None
+
+
+def trainable_params(config: ml_collections.ConfigDict, loss: Loss, spec: ModelSpec) -> int:
+  """Parameters that train (LoRA: the adapters and a trained projector; RMU's layer restriction counted)."""
+  block = optim_config(config, loss, spec.config)
+  pure = spec.trainable_abstract_params()
+  return optim.trainable_count(pure, block, universe=spec.abstract_params() if spec.lora else None)
 
 
 def log_memory(compiled) -> None:
@@ -204,9 +231,75 @@ def checkpoint_config(source: str | os.PathLike) -> ml_collections.ConfigDict:
 
 def load_params(setup: Setup, source: str | os.PathLike):
   """The params of a run (its latest step) or of one step directory, restored onto `setup`'s model and
-  shardings (refused when trained with another tokenizer)."""
-  return checkpoint.restore_params(source, setup.spec.abstract_params(),
-                                   tokenizer=setup.data.tokenizer.fingerprint())
+  shardings (refused when trained with another tokenizer). A LoRA run's: the whole tree (its base with the
+  adapters beside it) when `setup` has LoRA on, else its merged model."""
+  tok = setup.data.tokenizer.fingerprint()
+  if setup.spec.lora:
+    return restore_lora(source, setup.config, setup.spec, tokenizer=tok)
+  if checkpoint.read_meta(checkpoint.find_params_dir(source)).get("lora"):
+    return restore_merged(source, setup.spec, tokenizer=tok)
+  return checkpoint.restore_params(source, setup.spec.abstract_params(), tokenizer=tok)
+
+
+# --------------------------------------------------------------------------- LoRA: one frozen base
+def lora_identity(config: ml_collections.ConfigDict) -> dict:
+  """The base a LoRA run of `config` trains on (`checkpoint.base_identity`)."""
+  model = json.loads(configlib.to_json(config))["model"]
+  return checkpoint.base_identity(init_from=config.init_from, seed=config.seed, model=model)
+
+
+def lora_meta(config: ml_collections.ConfigDict, spec: ModelSpec) -> dict:
+  """What a LoRA checkpoint's `meta["lora"]` records: the adapters' settings and the base's identity."""
+  cfg = spec.config.lora
+  return {"rank": cfg.rank, "alpha": cfg.alpha or 2.0 * cfg.rank, "scale": cfg.scale, "targets": list(cfg.targets),
+          "train_projector": cfg.train_projector, "base": lora_identity(config)}
+
+
+def load_base(config: ml_collections.ConfigDict, spec: ModelSpec, *, tokenizer: str | None) -> dict:
+  """The frozen base of a LoRA run (no adapters): `init_from`'s model (a LoRA checkpoint's merged with its
+  adapters), else the seed's random base (the same parameters as the seed's model without LoRA)."""
+  if config.init_from:
+    return restore_merged(config.init_from, spec, tokenizer=tokenizer)
+  return init_params(spec, config.seed, part=Part.BASE)
+
+
+def init_trainable(spec: ModelSpec, seed: int, *, base: dict) -> dict:
+  """A new LoRA run's trainable tree: fresh adapters (B = 0), and a copy of the base's projector when it
+  trains (a copy: the state is donated to the step, the base is not)."""
+  adapters = init_params(spec, seed, part=Part.ADAPTERS)
+  if not spec.config.lora.train_projector:
+    return adapters
+  proj = jax.tree.map(lambda a: jax.device_put(a, a.sharding, may_alias=False), base[lora.PROJECTOR])
+  return lora.combine(adapters, {lora.PROJECTOR: proj})
+
+
+def restore_lora(source: str | os.PathLike, config: ml_collections.ConfigDict, spec: ModelSpec, *,
+                 tokenizer: str | None) -> dict:
+  """The whole tree (base + adapters) of a LoRA checkpoint trained with `config`; its recorded base must be
+  `config`'s (CheckpointError otherwise)."""
+  params_dir = checkpoint.find_params_dir(source)
+  saved = checkpoint.read_meta(params_dir).get("lora") or {}
+  checkpoint.check_base(saved.get("base"), lora_identity(config), where=params_dir.parent)
+  base = load_base(config, spec, tokenizer=tokenizer)
+  trainable = checkpoint.restore_params(params_dir.parent, spec.trainable_abstract_params(), tokenizer=tokenizer)
+  return lora.combine(base, trainable)
+
+
+def restore_merged(source: str | os.PathLike, spec: ModelSpec, *, tokenizer: str | None) -> dict:
+  """A checkpoint's model as base params (no adapters), onto `spec`'s base shardings: a full-parameter
+  checkpoint as saved; a LoRA checkpoint restored over its own base with W + (alpha / r) A B merged."""
+  params_dir = checkpoint.find_params_dir(source)
+  meta = checkpoint.read_meta(params_dir)
+  target = spec.base_abstract_params()
+  if not meta.get("lora"):
+    return checkpoint.restore_params(source, target, tokenizer=tokenizer)
+  src_config = configlib.from_json(json.dumps(meta["config"]))
+  src_lora = LoRAConfig.from_config(src_config.get("lora"))
+  src_spec = spec if spec.config.lora == src_lora else model_spec(
+      dataclasses.replace(spec.config, lora=src_lora), jax.tree.leaves(spec.shardings)[0].mesh)
+  full = restore_lora(params_dir.parent, src_config, src_spec, tokenizer=tokenizer)
+  merge = jax.jit(lambda p: lora.merge_adapters(p, scale=src_lora.scale), out_shardings=shardings_of(target))
+  return merge(full)
 
 
 def load_run(source: str | os.PathLike, *, overrides: Sequence[str] = (),

@@ -3,11 +3,17 @@
 Parameters live as a pure nested dict of arrays (`nnx.to_pure_dict` of the model state); the model is
 rebuilt inside jitted functions with `nnx.merge(graphdef, params)`. The graphdef is static, so nothing of
 NNX's Python object graph is traced per step.
+
+With LoRA on (`config.lora.rank` > 0) the state's params are only the trainable tree (adapters, plus the
+projector with `lora.train_projector`); the frozen base is one separate, non-donated argument of the step,
+and the reference / frozen model of NPO, SimNPO and RMU is that base merged into the graphdef without
+adapters (`ModelSpec.reference_model`): one base in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 import jax
@@ -16,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mirage_jax import sharding
-from mirage_jax.models import VLM, VLMConfig
+from mirage_jax.models import VLM, VLMConfig, lora
 
 Array = jax.Array
 
@@ -36,37 +42,75 @@ jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """Everything static about a model on a mesh: how to rebuild it and where its params live."""
+  """Everything static about a model on a mesh: how to rebuild it and where its params live.
+
+  `graphdef`/`abstract`/`specs`/`shardings` describe the whole model (the adapters included when LoRA is on);
+  `base_graphdef` is the model without adapters (None when LoRA is off)."""
 
   config: VLMConfig
   graphdef: Any
   abstract: nnx.State  # ShapeDtypeStructs with logical-name metadata
   specs: dict  # PartitionSpec per parameter
   shardings: dict  # NamedSharding per parameter
+  base_graphdef: Any = None
 
-  def merge(self, params: dict) -> VLM:
-    return nnx.merge(self.graphdef, params)
+  @property
+  def lora(self) -> bool:
+    return self.config.lora.enabled
+
+  def merge(self, params: dict, base: dict | None = None) -> VLM:
+    """The model from the full tree, or (LoRA on, `base` given) from the trainable tree over the base."""
+    if base is None or not self.lora:
+      return nnx.merge(self.graphdef, params)
+    return nnx.merge(self.graphdef, lora.combine(base, params))
+
+  def reference_model(self, frozen: dict) -> VLM:
+    """The frozen reference / RMU model: the base without adapters (LoRA on), else the given params."""
+    return nnx.merge(self.base_graphdef if self.lora else self.graphdef, frozen)
 
   def abstract_params(self) -> dict:
-    """ShapeDtypeStructs carrying the shardings (restore targets, AOT compile inputs)."""
+    """ShapeDtypeStructs carrying the shardings (restore targets, AOT compile inputs) of the whole model."""
     pure = nnx.to_pure_dict(self.abstract)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure, self.shardings)
+
+  def base_abstract_params(self) -> dict:
+    """The base (every parameter but the adapters): the whole model when LoRA is off."""
+    return lora.base_part(self.abstract_params()) if self.lora else self.abstract_params()
+
+  def trainable_abstract_params(self) -> dict:
+    """What the TrainState's params hold: the trainable tree with LoRA on, else the whole model."""
+    return lora.trainable_part(self.abstract_params(), self.config.lora) if self.lora else self.abstract_params()
 
 
 def model_spec(config: VLMConfig, mesh: Mesh) -> ModelSpec:
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0))))
   specs = sharding.param_specs(abstract, mesh)
+  base_graphdef = None
+  if config.lora.enabled:
+    no_lora = dataclasses.replace(config, lora=dataclasses.replace(config.lora, rank=0))
+    base_graphdef = nnx.graphdef(nnx.eval_shape(lambda: VLM(no_lora, rngs=nnx.Rngs(0))))
   return ModelSpec(config=config, graphdef=graphdef, abstract=abstract, specs=specs,
-                   shardings=sharding.named(mesh, specs))
+                   shardings=sharding.named(mesh, specs), base_graphdef=base_graphdef)
 
 
-def init_params(spec: ModelSpec, seed: int) -> dict:
-  """Random parameters created directly in their shards (no host copy of the full model)."""
+class Part(enum.Enum):
+  """Which parameters `init_params` creates."""
+
+  ALL = "all"
+  BASE = "base"  # every parameter but the LoRA adapters
+  ADAPTERS = "adapters"  # the LoRA adapters only
+
+
+def init_params(spec: ModelSpec, seed: int, *, part: Part = Part.ALL) -> dict:
+  """Random parameters created directly in their shards (no host copy of the full model). The base
+  parameters of a seed are the same with and without LoRA; XLA skips the parts not asked for."""
+  pick = {Part.ALL: lambda p: p, Part.BASE: lora.base_part,
+          Part.ADAPTERS: lora.adapter_part}[Part(part)]
 
   def init(key):
-    return nnx.to_pure_dict(nnx.state(VLM(spec.config, rngs=nnx.Rngs(params=key))))
+    return pick(nnx.to_pure_dict(nnx.state(VLM(spec.config, rngs=nnx.Rngs(params=key)))))
 
-  return jax.jit(init, out_shardings=spec.shardings)(jax.random.key(seed))
+  return jax.jit(init, out_shardings=pick(spec.shardings))(jax.random.key(seed))
 
 
 def param_count(tree: Any) -> int:
@@ -83,7 +127,7 @@ def abstract_train_state(spec: ModelSpec, tx, mesh: Mesh, extras: dict) -> Train
   """ShapeDtypeStructs (with shardings) of the whole train state: the restore target and AOT input."""
   from mirage_jax.train import optim
   repl = sharding.replicated(mesh)
-  params = spec.abstract_params()
+  params = spec.trainable_abstract_params()
   opt_abstract = jax.eval_shape(tx.init, params)
   opt_sh = optim.state_shardings(opt_abstract, spec.shardings, repl)
   opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_sh)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from mirage_jax.train import accum
 from mirage_jax.train.state import ModelSpec, TrainState
 
 Array = jax.Array
@@ -22,25 +23,35 @@ Array = jax.Array
 class StepShardings:
   state: TrainState  # a TrainState of NamedShardings
   batches: Any  # {stream: {key: NamedSharding}}
-  reference: Any  # param shardings or None
+  reference: Any  # param shardings of the reference (LoRA on: of the frozen base), or None
   replicated: NamedSharding
 
 
 def make_train_step(*, spec: ModelSpec, loss: Callable, tx: optax.GradientTransformation,
-                    sched: optax.Schedule, shardings: StepShardings, skip_nonfinite: bool = False):
+                    sched: optax.Schedule, shardings: StepShardings, skip_nonfinite: bool = False,
+                    accum_steps: int = 1):
   """Returns `step(state, batches, reference) -> (state, metrics)`, jitted with donation of `state`.
 
   With `skip_nonfinite`, a step whose loss or gradient norm is not finite leaves params and optimizer state
   unchanged (the step counter still advances) and reports `skipped = 1`; otherwise the loop stops on it.
+  `accum_steps` > 1 splits every stream into that many micro-batches (`mirage_jax.train.accum`).
   """
 
   def step(state: TrainState, batches: Mapping[str, Mapping[str, Array]], reference: Any):
-    ref_model = None if reference is None else spec.merge(jax.lax.stop_gradient(reference))
+    # `reference`: the frozen reference params, or (LoRA on) the frozen base, whose adapter-free model is
+    # the reference (one base in memory).
+    frozen = None if reference is None else jax.lax.stop_gradient(reference)
+    ref_model = None if frozen is None or not loss.needs_reference else spec.reference_model(frozen)
 
-    def loss_fn(params):
-      return loss(spec.merge(params), batches=batches, reference=ref_model, extras=state.extras)
+    def loss_fn(params, batches=batches):
+      return loss(spec.merge(params, frozen), batches=batches, reference=ref_model, extras=state.extras)
 
-    (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if accum_steps == 1:
+      (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    else:  # micro-batches summed in float32 inside the step (mirage_jax.train.accum)
+      (value, metrics), grads = accum.value_and_grad(loss_fn, state.params, batches, loss=loss, steps=accum_steps,
+                                                     image_token_id=spec.config.image_token_id,
+                                                     shardings=shardings.state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
