@@ -203,6 +203,10 @@ def test_utility_on_benign_answers_catches_noise():
   noise = safety.safety_metrics({"safe_share": _benign(["zq zq", "lumi", "x x", "beadsx"], expected)})
   assert good["rr"]["share"] == noise["rr"]["share"] == 0.0
   assert good["utility_share"] == 100.0 and noise["utility_share"] == 0.0
+  assert good["ir_share"] == 0.0 and noise["ir_share"] == 100.0  # neither refused nor correct
+  recs, responses, _ = _benign(["it is red", "no", "zq", "square"], expected)
+  mixed = safety.safety_metrics({"safe": (recs, responses, [I, R, I, I])})
+  assert (mixed["rr"]["safe"], mixed["utility_safe"], mixed["ir_safe"]) == (25.0, 50.0, 25.0)
   assert good["intervals"]["utility_share"] == safety.BOOTSTRAP
 
 
