@@ -107,7 +107,10 @@ def test_rule_judge_stays_the_default_on_data_with_codes(scripted):
   assert out["judge"]["name"] == "rule" and out["asr"]["original"] == 25.0
   assert out["keyword_asr"]["original"] == 100.0  # nothing refuses
   assert out["agreement"]["between"] == ["rule", "keyword"] and out["agreement"]["n"] == 16
-  assert len(out["ci"]) == 5  # the chosen judge's intervals only (original, what_k 1-3, rr safe)
+  # the chosen judge's intervals only (original, what_k 1-3, rr safe; plus the attack gains / benign utility)
+  assert {k for k in out["ci"] if not k.startswith(("gain.", "utility_"))} == {
+      "asr.original", "asr.what_k.1", "asr.what_k.2", "asr.what_k.3", "rr.safe"}
+  assert not any(k.startswith("keyword") for k in out["ci"])
 
 
 def test_judge_config_errors(scripted):

@@ -183,7 +183,8 @@ def test_safety_evaluator_returns_every_metric(base, tmp_path):
   for mech in ("mechanism_original", "mechanism_attacked"):
     assert sum(out[mech].values()) == pytest.approx(100.0)
   assert out["ir_attacked"] == out["mechanism_attacked"]["ir"]
-  assert len(out["ci"]) == 11
+  assert len(out["ci"]) == 15
+  assert {"gain.what_1", "gain.control", "utility_safe", "utility_share"} <= set(out["ci"])
   rows = [json.loads(line) for line in (tmp_path / "responses.jsonl").read_text().splitlines()]
   assert len(rows) == sum(counts.values())
   assert {r["verdict"] for r in rows} <= {"harmful", "refusal", "irrelevant"}
