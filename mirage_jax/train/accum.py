@@ -79,24 +79,20 @@ def terms(loss, *, image_token_id: int) -> tuple[Term, ...]:
   accumulation rule."""
   if isinstance(loss, SFT):
     return (Term("nll", 1.0, _tokens("train")),)
-  if not isinstance(loss, Unlearning):
-    raise ConfigError(f"optim.accum_steps > 1: loss {loss.name!r} has no accumulation rule "
-                      "(mirage_jax.train.accum.terms); use optim.accum_steps=1")
-  ft = Term("ft", loss.ft_weight, _tokens("retain"))
-  retain = Term("retain", loss.alpha, _tokens("retain"))
-  if isinstance(loss, NPO):
-    if loss.normalize == Normalize.MEAN_TOKEN:
-      raise ConfigError("optim.accum_steps > 1 with loss.normalize='mean_token': NPO's pooled token mean puts "
-                        "the whole batch in one sigmoid, which micro-batches cannot reproduce; use "
-                        "loss.normalize=sum or optim.accum_steps=1")
-    return (Term("forget", 1.0, _rows("forget")), retain, ft)
-  if isinstance(loss, SimNPO):
-    return (Term("forget", 1.0, _rows("forget")), retain, ft)
-  if isinstance(loss, GradDiff):
-    return (Term("forget", 1.0, _tokens("forget")), retain, ft)
-  if isinstance(loss, RMU):
-    return (Term("forget", 1.0, _positions("forget", loss.mask, image_token_id)),
-            Term("retain", loss.alpha, _positions("retain", loss.mask, image_token_id)), ft)
+  if isinstance(loss, NPO) and loss.normalize == Normalize.MEAN_TOKEN:
+    raise ConfigError("optim.accum_steps > 1 with loss.normalize='mean_token': NPO's pooled token mean puts "
+                      "the whole batch in one sigmoid, which micro-batches cannot reproduce; use "
+                      "loss.normalize=sum or optim.accum_steps=1")
+  if isinstance(loss, Unlearning):
+    ft = Term("ft", loss.ft_weight, _tokens("retain"))
+    retain = Term("retain", loss.alpha, _tokens("retain"))
+    if isinstance(loss, (NPO, SimNPO)):
+      return (Term("forget", 1.0, _rows("forget")), retain, ft)
+    if isinstance(loss, GradDiff):
+      return (Term("forget", 1.0, _tokens("forget")), retain, ft)
+    if isinstance(loss, RMU):
+      return (Term("forget", 1.0, _positions("forget", loss.mask, image_token_id)),
+              Term("retain", loss.alpha, _positions("retain", loss.mask, image_token_id)), ft)
   raise ConfigError(f"optim.accum_steps > 1: loss {loss.name!r} has no accumulation rule "
                     "(mirage_jax.train.accum.terms); use optim.accum_steps=1")
 
