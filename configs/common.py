@@ -119,6 +119,10 @@ def training_config(size: str) -> ml_collections.ConfigDict:
       image_mean=(0.5, 0.5, 0.5) if size == "tiny" else CLIP_MEAN,
       image_std=(0.5, 0.5, 0.5) if size == "tiny" else CLIP_STD,
       cache=True,  # preprocess each split once and keep it in memory
+      # Training batches assembled ahead of the step by `read_threads` threads (grain's prefetch); 0 = none.
+      # Bounded: grain's default (500 batches, 16 threads) holds 500 batches of images in host memory.
+      prefetch_batches=4,
+      read_threads=2,
   ))
   # LoRA (mirage_jax.models.lora): rank 0 = off. Adapters on every Dense whose kernel path fully matches one
   # of `targets` (comma-separated regexes; default: the decoder's attention and MLP kernels); alpha 0 means

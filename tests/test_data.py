@@ -23,7 +23,7 @@ from mirage_jax.data import pipeline, preprocess, synthetic, tfds_builders
 from mirage_jax.data import tokenizer as tokenizer_lib
 from mirage_jax.data.records import text
 from mirage_jax.data.tokenizer import Tokenizer
-from mirage_jax.errors import DataError
+from mirage_jax.errors import ConfigError, DataError
 
 from worlds import SMALL_WORLD
 
@@ -435,6 +435,35 @@ def test_stream_state_resumes_exactly(splits):
   first = take(t, 2)
   t.set_state(stream(splits, seed=1).get_state())
   assert same_batches(take(t, 2), first)
+
+
+@pytest.mark.parametrize("prefetch,threads", [(0, 0), (3, 2)])
+def test_stream_prefetch_is_bounded_gives_the_same_batches_and_closes(splits, prefetch, threads):
+  """Batches assembled ahead (grain's prefetch, bounded by `data.prefetch_batches`) are the same batches in
+  the same order, resume the same, and `close` stops the threads that assemble them."""
+  import threading
+  import time
+  read = pipeline.read_options({"prefetch_batches": prefetch, "read_threads": threads})
+  assert (read.prefetch_buffer_size, read.num_threads) == ((3, 2) if prefetch else (0, 0))
+  s = stream(splits, seed=2, read=read)
+  plain = stream(splits, seed=2)
+  first = take(s, 3)
+  assert same_batches(first, take(plain, 3))
+  fresh = stream(splits, seed=2, read=read)
+  fresh.set_state(s.get_state())
+  assert same_batches(take(fresh, 2), take(plain, 2))
+  for st in (s, fresh, plain):
+    st.close()
+  deadline = time.time() + 10
+  while any(t.name.startswith("grain-prefetch") for t in threading.enumerate()) and time.time() < deadline:
+    time.sleep(0.05)
+  assert not [t.name for t in threading.enumerate() if t.name.startswith("grain-prefetch")]
+
+
+@pytest.mark.parametrize("bad", [{"prefetch_batches": -1}, {"read_threads": 1.5}, {"prefetch_batches": True}])
+def test_stream_prefetch_settings_are_checked(bad):
+  with pytest.raises(ConfigError, match="expected an integer >= 0"):
+    pipeline.read_options({"prefetch_batches": 4, "read_threads": 2, **bad})
 
 
 def test_stream_never_runs_dry_and_shuffles_per_epoch(splits):

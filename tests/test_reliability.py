@@ -39,9 +39,20 @@ def checksum(workdir: pathlib.Path) -> dict:
 
 
 def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1", **(env or {}))
+  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", **(env or {}))
   return subprocess.Popen([sys.executable, "-m", "mirage_jax.cli", *args], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+
+
+def finish(proc: subprocess.Popen, timeout=300) -> str:
+  """The stderr of a started run once it ends; a run still going after `timeout` s is aborted, and the
+  failure shows where each of its threads was (faulthandler's dump on SIGABRT)."""
+  try:
+    return proc.communicate(timeout=timeout)[1]
+  except subprocess.TimeoutExpired:
+    proc.send_signal(signal.SIGABRT)
+    err = proc.communicate(timeout=60)[1]
+    raise AssertionError(f"the run did not end within {timeout} s; its threads:\n{err[-8000:]}") from None
 
 
 def wait_for_checkpoint(workdir: pathlib.Path, proc: subprocess.Popen, step: int, timeout=240) -> None:
@@ -340,8 +351,9 @@ def test_storage_faults_during_a_save(tmp_path, small_fs, straight_storage_run, 
     shutil.copytree(workdir / "checkpoints", tmp_path / "saved_checkpoints")
     shutil.rmtree(workdir / "checkpoints")
   proc.send_signal(signal.SIGCONT)
-  _, err = proc.communicate(timeout=300)
-  assert not re.search(r'File "[^"]*mirage_jax/', err), err[-3000:]  # no traceback of mirage's
+  err = finish(proc, timeout=420)
+  mirage_frame = re.search(r'File "[^"]*mirage_jax/', err)
+  assert not mirage_frame, err[max(mirage_frame.start() - 2500, 0):mirage_frame.end() + 2500]  # no traceback of mirage's
   if proc.returncode == 0 and fault == "removed":
     # Orbax re-created the directory and the save of 6 and 8 got through: a finished run, nothing lost.
     assert checksum(workdir) == straight_storage_run
@@ -371,6 +383,31 @@ def test_storage_faults_during_a_save(tmp_path, small_fs, straight_storage_run, 
   rerun = mirage(*args, timeout=600)
   assert f"at step {committed}" in rerun.stderr
   assert checksum(workdir) == straight_storage_run
+
+
+def test_an_unexplained_save_error_is_classified_by_the_disk(tmp_path, monkeypatch):
+  """A library error that does not say why a save failed is a storage failure when a write to the checkpoint
+  directory is refused (the refusal is the reason given), and re-raised as it is when the disk takes writes;
+  after a failure, closing waits for nothing more."""
+  import errno
+  from mirage_jax.train import checkpoint
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", save_every=1, keep=1)
+  assert checkpoint._refused_write(ckpt.directory) is None and not list(ckpt.directory.iterdir())
+  assert isinstance(checkpoint._refused_write(tmp_path / "absent"), FileNotFoundError)
+
+  def opaque():
+    raise RuntimeError("commit failed")  # noqa: EM101
+
+  with pytest.raises(RuntimeError, match="commit failed"):
+    ckpt._guarded(3, opaque)
+  monkeypatch.setattr(checkpoint, "_refused_write",
+                      lambda d: OSError(errno.EROFS, os.strerror(errno.EROFS), str(d)))
+  with pytest.raises(errors.UserError, match=r"saving checkpoint step 3 in .* failed: Read-only file system; no "
+                                             r"step was committed") as e:
+    ckpt._guarded(3, opaque)
+  assert isinstance(e.value.__cause__, RuntimeError) and e.value.abandon_process
+  monkeypatch.setattr(ckpt._mgr, "wait_until_finished", lambda: pytest.fail("waited after the failure"))
+  ckpt.close()
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> set[int]:

@@ -263,7 +263,7 @@ def _lora_alpha(config, ckpt, adapters: Mapping[str, hf_convert.Adapter]) -> tup
   ranks = sorted({a.rank for a in adapters.values()})
   if not lora.enabled or ranks != [lora.rank]:
     raise ConversionError(f"{ckpt} holds LoRA adapters of rank {ranks} but its config has lora.rank={lora.rank}")
-  return lora.scale * lora.rank, lora.dropout
+  return lora.resolved_alpha, lora.dropout
 
 
 def jax_to_hf(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str = "float32",

@@ -87,11 +87,27 @@ class SplitCache:
     return preprocess.training_example(rec, self.tok, self.fmt)
 
 
+def read_options(data: Mapping[str, Any]) -> grain.ReadOptions:
+  """grain's prefetch of a training stream from the `config.data` block (`prefetch_batches` batches
+  assembled ahead by `read_threads` threads; either 0 = none, batches are then assembled in the step's
+  thread)."""
+  values = {}
+  for key in ("prefetch_batches", "read_threads"):
+    v = data.get(key, 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      raise ConfigError(f"data.{key}={v!r}: expected an integer >= 0 (0 = no prefetch)")
+    values[key] = v
+  if not (values["prefetch_batches"] and values["read_threads"]):
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return grain.ReadOptions(num_threads=values["read_threads"], prefetch_buffer_size=values["prefetch_batches"])
+
+
 class Stream:
-  """An infinite iterator of local batches (dicts of numpy arrays) from a mixture of splits."""
+  """An infinite iterator of local batches (dicts of numpy arrays) from a mixture of splits, assembled
+  ahead as `read` says (`read_options`); `close` stops the threads that do it."""
 
   def __init__(self, *, name: str, mixture: str, splits: SplitCache, global_batch: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, read: grain.ReadOptions | None = None):
     if global_batch % process_count:
       raise ConfigError(f"batch size {global_batch} is not divisible by the {process_count} processes")
     self.name = name
@@ -108,7 +124,8 @@ class Stream:
     if process_count > 1:
       ds = ds.slice(slice(process_index, None, process_count))
     self._dataset = ds.batch(global_batch // process_count, drop_remainder=True)
-    self._iter = iter(self._dataset.to_iter_dataset())
+    self._iter = iter(self._dataset.to_iter_dataset(read or grain.ReadOptions(num_threads=0,
+                                                                              prefetch_buffer_size=0)))
 
   def __iter__(self):
     return self
@@ -121,6 +138,12 @@ class Stream:
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     self._iter.set_state(dict(state))
+
+  def close(self) -> None:
+    """Cancel the batches being assembled ahead and stop their threads (without waiting for them)."""
+    close = getattr(self._iter, "close", None)
+    if close is not None:
+      close()
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -120,9 +120,14 @@ class LoRAConfig:
     return self.rank > 0
 
   @property
+  def resolved_alpha(self) -> float:
+    """alpha, with 0 read as 2 x rank."""
+    return self.alpha or 2.0 * self.rank
+
+  @property
   def scale(self) -> float:
     """alpha / rank (alpha 0 means 2 x rank, so scale 2)."""
-    return (self.alpha or 2.0 * self.rank) / self.rank if self.rank else 0.0
+    return self.resolved_alpha / self.rank if self.rank else 0.0
 
   @classmethod
   def from_config(cls, block: Mapping[str, Any] | None) -> "LoRAConfig":

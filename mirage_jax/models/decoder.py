@@ -35,13 +35,28 @@ class DecoderBlock(nnx.Module):
     self.mlp_norm = layers.RMSNorm(cfg.width, eps=cfg.rms_norm_eps, name="norm", **kw)
     self.mlp = SwiGLU(cfg.width, cfg.mlp_dim, **kw)
 
-  def __call__(self, x_btd: Array, *, mask_bts: Array, positions_bt: Array, cache: layers.KV | None = None,
-               cache_index: Array | None = None) -> tuple[Array, layers.KV]:
+  def __call__(self, x_btd: Array, *, mask_bts: Array, positions_bt: Array) -> tuple[Array, layers.KV]:
+    """The block over the whole sequence, and its keys/values [B, T, K, E] (a prefill fills a cache)."""
     h, kv = self.attn(self.attn_norm(x_btd), mask_bts=mask_bts, positions_bt=positions_bt,
-                      rope_theta=self.rope_theta, cache=cache, cache_index=cache_index)
-    x_btd = x_btd + h
+                      rope_theta=self.rope_theta)
+    return self._mlp(x_btd + h), kv
+
+  def decode(self, x_btd: Array, *, mask_bts: Array, positions_bt: Array, cache: layers.KV, layer: Array,
+             cache_index: Array) -> tuple[Array, layers.KV]:
+    """A decode step of layer `layer`: its new keys/values are written into the stacked cache
+    [L, B, S, K, E] at (layer, :, cache_index) with one `dynamic_update_slice` (in place, under a loop that
+    carries the cache), then the queries attend over that layer of the cache. Returns the updated cache."""
+    y_btd = self.attn_norm(x_btd)
+    new = self.attn.keys_values(y_btd, positions_bt, self.rope_theta)
+    cache = jax.tree.map(lambda c, n: jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype),
+                                                                   (layer, 0, cache_index, 0, 0)), cache, new)
+    mine = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, layer, keepdims=False), cache)
+    h = self.attn.attend(self.attn.queries(y_btd, positions_bt, self.rope_theta), mine, mask_bts)
+    return self._mlp(x_btd + h), cache
+
+  def _mlp(self, x_btd: Array) -> Array:
     x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
-    return sharding.constrain(x_btd, _ACT), kv
+    return sharding.constrain(x_btd, _ACT)
 
 
 class SwiGLU(nnx.Module):
@@ -100,8 +115,13 @@ class Decoder(nnx.Module):
   def __call__(self, x_btd: Array, *, mask_bts: Array, positions_bt: Array, collect: tuple[int, ...] = (),
                stop_after: int | None = None, cache: layers.KV | None = None,
                cache_index: Array | None = None, return_cache: bool = False) -> DecoderOutput:
-    """Run the blocks. `return_cache` returns every layer's keys/values (prefill); with `cache` given, the
-    new keys/values are written at `cache_index` and the updated cache is returned."""
+    """Run the blocks. `return_cache` returns every layer's keys/values [L, B, T, K, E] (prefill); with
+    `cache` [L, B, S, K, E] given (a decode step), the new keys/values are written at `cache_index` and the
+    updated cache is returned.
+
+    A decode step carries the cache through the layer scan (`DecoderBlock.decode`): each layer writes its
+    T new positions into its slot in place and attends over its layer of the cache. (Scanned in as `xs`
+    and out as `ys`, the whole cache was rewritten for every token.)"""
     depth = self.cfg.depth
     for l in (*collect, *(() if stop_after is None else (stop_after,))):
       if not 0 <= l < depth:
@@ -111,21 +131,30 @@ class Decoder(nnx.Module):
     end = depth if stop_after is None else stop_after + 1
     cuts = sorted({l + 1 for l in (*collect, end - 1) if l + 1 <= end} | {end})
 
-    want_kv = return_cache or cache is not None
+    def body(block, x, _):
+      x, kv = block(x, mask_bts=mask_bts, positions_bt=positions_bt)
+      return x, (kv if return_cache else None)
 
-    def body(block, x, kv):
-      x, kv = block(x, mask_bts=mask_bts, positions_bt=positions_bt, cache=kv, cache_index=cache_index)
-      return x, (kv if want_kv else None)
+    def decode_body(block, carry, _):
+      x, kv, l = carry
+      x, kv = block.decode(x, mask_bts=mask_bts, positions_bt=positions_bt, cache=kv, layer=l,
+                           cache_index=cache_index)
+      return (x, kv, l + 1), None
 
     collected, kvs, start = {}, [], 0
     for stop in cuts:
-      xs = None if cache is None else jax.tree.map(lambda a: a[start:stop], cache)
-      x_btd, kv = layers.run_stack(self.layers, body, x_btd, start=start, stop=stop, xs=xs, remat=self.remat,
-                                  unroll=not self.scan_layers)
-      kvs.append(kv)
+      if cache is None:
+        x_btd, kv = layers.run_stack(self.layers, body, x_btd, start=start, stop=stop, remat=self.remat,
+                                    unroll=not self.scan_layers)
+        kvs.append(kv)
+      else:
+        (x_btd, cache, _), _ = layers.run_stack(self.layers, decode_body, (x_btd, cache, jnp.int32(start)),
+                                                start=start, stop=stop, remat=self.remat,
+                                                unroll=not self.scan_layers)
       if stop - 1 in collect or stop - 1 == stop_after:
         collected[stop - 1] = x_btd
       start = stop
     hidden = None if stop_after is not None else self.norm(x_btd)
-    out_cache = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs) if want_kv else None
-    return DecoderOutput(hidden_btd=hidden, layers=collected, cache=out_cache)
+    if return_cache and cache is None:
+      cache = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs)
+    return DecoderOutput(hidden_btd=hidden, layers=collected, cache=cache)

@@ -423,24 +423,17 @@ def split_lora(params: Mapping) -> tuple[dict, dict[str, Adapter]]:
   return nest(base), adapters
 
 
-def lora_delta(adapter: Adapter, *, alpha: float) -> np.ndarray:
-  """(alpha / r) * lora_a @ lora_b in float64, shaped like the kernel ([*lead, *in, *out])."""
-  a, b = adapter.a.astype(np.float64), adapter.b.astype(np.float64)
-  lead_shape, in_shape = a.shape[:adapter.lead], a.shape[adapter.lead:-1]
-  out_shape = b.shape[adapter.lead + 1:]
-  a2 = a.reshape(*lead_shape, math.prod(in_shape), adapter.rank)
-  b2 = b.reshape(*lead_shape, adapter.rank, math.prod(out_shape))
-  return (float(alpha) / adapter.rank * (a2 @ b2)).reshape(*lead_shape, *in_shape, *out_shape)
-
-
 def merge_lora(params: Mapping, *, alpha: float) -> dict:
-  """Params with every adapter folded into its kernel, W + (alpha / r) * lora_a @ lora_b (summed in float64,
-  stored in the kernel's dtype), and the LoRA leaves removed; params without adapters come back unchanged."""
+  """Params with every adapter folded into its kernel, W + (alpha / r) * lora_a @ lora_b (`lora.delta`,
+  summed in float32, stored in the kernel's dtype), and the LoRA leaves removed; params without adapters come
+  back unchanged. The adapters are checked first (`split_lora`)."""
+  from mirage_jax.models import lora  # jax only where adapters are merged
   base, adapters = split_lora(params)
   flat = flatten(base)
   for path, ad in adapters.items():
     w = np.asarray(flat[path])
-    flat[path] = (w.astype(np.float64) + lora_delta(ad, alpha=alpha)).astype(w.dtype)
+    d = np.asarray(lora.delta(ad.a, ad.b, w.shape, float(alpha) / ad.rank))
+    flat[path] = (w.astype(np.float32) + d).astype(w.dtype)
   return nest(flat)
 
 

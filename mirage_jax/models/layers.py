@@ -162,17 +162,22 @@ class Attention(nnx.Module):
     self.o = Dense((num_heads, head_dim), (width,), (heads, head, embed), **kw)
 
   def __call__(self, x_btd: Array, *, mask_bts: Array, positions_bt: Array | None = None,
-               rope_theta: float = 10000.0, cache: KV | None = None,
-               cache_index: Array | None = None) -> tuple[Array, KV]:
-    """Returns the output and the keys/values attended to (the updated cache when `cache` is given)."""
-    q, k, v = self.q(x_btd), self.k(x_btd), self.v(x_btd)
-    if positions_bt is not None:
-      q, k = rope(q, positions_bt, rope_theta), rope(k, positions_bt, rope_theta)
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
-    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_bts)
-    return self.o(out), KV(k, v)
+               rope_theta: float = 10000.0) -> tuple[Array, KV]:
+    """Self-attention: the output and this call's keys/values [B, T, K, E] (after RoPE)."""
+    kv = self.keys_values(x_btd, positions_bt, rope_theta)
+    return self.attend(self.queries(x_btd, positions_bt, rope_theta), kv, mask_bts), kv
+
+  def queries(self, x_btd: Array, positions_bt: Array | None, rope_theta: float) -> Array:
+    q = self.q(x_btd)
+    return q if positions_bt is None else rope(q, positions_bt, rope_theta)
+
+  def keys_values(self, x_btd: Array, positions_bt: Array | None, rope_theta: float) -> KV:
+    k, v = self.k(x_btd), self.v(x_btd)
+    return KV(k if positions_bt is None else rope(k, positions_bt, rope_theta), v)
+
+  def attend(self, q_bthe: Array, kv: KV, mask_bts: Array) -> Array:
+    """The output of queries over keys/values `kv` [B, S, K, E] (a decode step: its layer of the cache)."""
+    return self.o(attend(q_bthe, kv.k.astype(q_bthe.dtype), kv.v.astype(q_bthe.dtype), mask_bts))
 
 
 def remat_policy(remat: Remat | str) -> Callable | None:

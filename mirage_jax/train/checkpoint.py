@@ -124,8 +124,11 @@ class Checkpointer:
     self._guarded(None, self._mgr.wait_until_finished)
 
   def close(self) -> None:
-    """Finish the save in flight and close. After a failure already raised, a second report of the same
-    failure is logged, not raised (it would hide the first)."""
+    """Finish the save in flight and close. After a failure already raised, nothing more is waited for:
+    Orbax's writers on a broken filesystem may never finish, and the process is abandoned right after the
+    error line (`UserError.abandon_process`)."""
+    if self._failed is not None:
+      return
     try:
       self.wait()
     except CheckpointError as e:
@@ -148,9 +151,11 @@ class Checkpointer:
       # removed (and maybe re-created by a writer still running)
       replaced = self._identity is not None and _identity(self.directory) != self._identity
       gone = replaced or self._vanished_paths(e)
-      if not (_storage_error(e) or gone):
+      refused = None if _storage_error(e) or gone else _refused_write(self.directory)
+      if not (_storage_error(e) or gone or refused):
         raise
-      text = " ".join(str(c) for c in _chain(e))
+      # An error that does not say why (a library's wrapper of it): the disk says it.
+      text = str(refused) if refused is not None else " ".join(str(c) for c in _chain(e))
       reason = _STORAGE_ERRORS.search(text)
       why = reason.group(0) if reason else text.strip().splitlines()[-1][:200]
       if replaced:
@@ -173,7 +178,10 @@ class Checkpointer:
     """The one error for a failed save: every save this run started after the last committed step (an
     asynchronous save's failure surfaces in a later call, or Orbax only logs it and a later save fails), and
     what is left on disk to resume from."""
-    on_disk = latest_step_on_disk(self.directory) if self.directory.is_dir() else None
+    try:
+      on_disk = latest_step_on_disk(self.directory) if self.directory.is_dir() else None
+    except OSError:  # the directory went away while it was read
+      on_disk = None
     known = self._last_committed()  # what this run saw committed; more than on disk if files were removed
     good = max((s for s in (on_disk, known) if s is not None), default=None)
     steps = sorted({s for s in [*self._started, *([also] if also is not None else [])] if good is None or s > good})
@@ -211,6 +219,22 @@ class Checkpointer:
 _STORAGE_ERRORS = re.compile(r"No space left on device|Read-only file system|Permission denied|"
                              r"No such file or directory|Disk quota exceeded|Input/output error|"
                              r"NOT_FOUND: Error (?:writing|reading)")  # tensorstore: a file vanished mid-save
+
+
+def _refused_write(directory: pathlib.Path) -> OSError | None:
+  """The OSError of writing (and syncing) a small file in `directory`, None when the write goes through."""
+  probe = directory / f".mirage-write-probe-{os.getpid()}"
+  try:
+    with probe.open("wb") as f:
+      f.write(b"\0" * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:
+    return e
+  finally:
+    with contextlib.suppress(OSError):
+      probe.unlink()
+  return None
 
 
 def _identity(path: pathlib.Path) -> tuple[int, int] | None:

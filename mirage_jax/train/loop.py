@@ -104,9 +104,11 @@ def _prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> _Run:
   r = _Run(config=config, workdir=workdir, main=jax.process_index() == 0, setup=s, loss=loss, splits=splits,
            tok_fp=tok_fp, ckpt=ckpt, plan=(tx, sched, target), state=None, reference=None, streams={})
   data_state = _restore_or_init(r, make_extras, cache_split)
+  read = pipeline.read_options(config.data)
   r.streams = {name: pipeline.Stream(name=name, mixture=config.data.streams[name], splits=splits,
                                      global_batch=config.batch_size, seed=seeds.derive(config.seed, name, bits=31),
-                                     process_index=jax.process_index(), process_count=jax.process_count())
+                                     process_index=jax.process_index(), process_count=jax.process_count(),
+                                     read=read)
                for name in loss.streams}
   for name, st in data_state.get("streams", {}).items():
     if name in r.streams:
@@ -226,7 +228,7 @@ def _train(r: _Run, step_fn, *, t_start: float, compile_s: float) -> RunSummary:
   finally:
     term.restore()
     bar.close()
-    _close_all(r.ckpt.close, writer.close)
+    _close_all(*(st.close for st in r.streams.values()), r.ckpt.close, writer.close)
   wall = time.time() - t_start
   return RunSummary(workdir=str(r.workdir), first_step=first, last_step=step, final=last_logged,
                     eval=eval_results, wall_s=wall, compile_s=compile_s,

@@ -109,8 +109,7 @@ def plan_state(config: ml_collections.ConfigDict, spec: ModelSpec, mesh, loss: L
 
   `cache_rows` > 0 adds the loss's precomputed reference values (`loss.cache`) of that many rows."""
   tx, sched = optim.make_optimizer(optim_config(config, loss, spec.config), config.total_steps,
-                                   spec.trainable_abstract_params(),
-                                   universe=spec.abstract_params() if spec.lora else None)
+                                   spec.trainable_abstract_params(), universe=_optim_universe(spec))
   make_extras = lambda: loss.init_extras(spec, config.seed)  # noqa: E731
   extras_abstract = dict(jax.eval_shape(make_extras))
   if cache_rows:
@@ -146,7 +145,13 @@ def trainable_params(config: ml_collections.ConfigDict, loss: Loss, spec: ModelS
   """Parameters that train (LoRA: the adapters and a trained projector; RMU's layer restriction counted)."""
   block = optim_config(config, loss, spec.config)
   pure = spec.trainable_abstract_params()
-  return optim.trainable_count(pure, block, universe=spec.abstract_params() if spec.lora else None)
+  return optim.trainable_count(pure, block, universe=_optim_universe(spec))
+
+
+def _optim_universe(spec: ModelSpec) -> Any:
+  """The whole model's abstract params when LoRA trains a part of it (the optimizer's layer rules are
+  resolved over the whole model), else None."""
+  return spec.abstract_params() if spec.lora else None
 
 
 def log_memory(compiled) -> None:
@@ -251,7 +256,7 @@ def lora_identity(config: ml_collections.ConfigDict) -> dict:
 def lora_meta(config: ml_collections.ConfigDict, spec: ModelSpec) -> dict:
   """What a LoRA checkpoint's `meta["lora"]` records: the adapters' settings and the base's identity."""
   cfg = spec.config.lora
-  return {"rank": cfg.rank, "alpha": cfg.alpha or 2.0 * cfg.rank, "scale": cfg.scale, "targets": list(cfg.targets),
+  return {"rank": cfg.rank, "alpha": cfg.resolved_alpha, "scale": cfg.scale, "targets": list(cfg.targets),
           "train_projector": cfg.train_projector, "base": lora_identity(config)}
 
 
