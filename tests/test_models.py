@@ -224,6 +224,27 @@ def test_kv_cache_decoding_equals_full_forward(decoders, prompts):
   assert len(np.unique(cached)) > 2  # not a degenerate constant output
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_continuation_states_equal_a_full_forward_per_pair(prompts, m):
+  """`continuation_hidden` (each prompt once, its cache shared by the continuations) gives the states a full
+  forward over every prompt + continuation pair gives, at the positions that predict each continuation token."""
+  from mirage_jax.models.decode import continuation_hidden
+  cfg = make_cfg(text=dict(depth=2), vision=dict(depth=2))
+  graphdef, params = init(cfg, seed=3)
+  model = merge(graphdef, params)
+  rows = np.array([[5, 6, 7], [5, 9, PAD_ID], [11, 12, 13], [8, PAD_ID, PAD_ID]], np.int32)[:, :m]
+  got = np.asarray(jit(lambda p: continuation_hidden(merge(graphdef, p), prompts=prompts,
+                                                     continuations_rm=jnp.asarray(rows)))(params))
+  b, tp = prompts["tokens"].shape
+  assert got.shape == (b, len(rows), m, cfg.text.width)
+  for r, row in enumerate(rows):
+    inputs = {"tokens": jnp.concatenate([prompts["tokens"], jnp.broadcast_to(jnp.asarray(row), (b, m))], 1),
+              "mask": jnp.concatenate([prompts["mask"], jnp.ones((b, m), prompts["mask"].dtype)], 1),
+              "images": prompts["images"]}
+    want = np.asarray(model(inputs).hidden_btd[:, tp - 1:tp - 1 + m])
+    np.testing.assert_allclose(got[:, r], want, rtol=2e-5, atol=2e-5)
+
+
 def test_kv_cache_decoding_stops_at_eos(decoders, prompts):
   _, cached_fn, full_fn = decoders
   n = NEW_TOKENS

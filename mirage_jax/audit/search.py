@@ -61,6 +61,7 @@ from mirage_jax import errors, sharding
 from mirage_jax.data import preprocess
 from mirage_jax.data.pipeline import to_global
 from mirage_jax.data.tokenizer import Tokenizer
+from mirage_jax.models import decode
 
 log = logging.getLogger("mirage")
 _ALNUM = re.compile(r"\w")
@@ -204,21 +205,16 @@ class Scorer:
     self.batch_size = _round_up(batch_size, sharding.batch_divisor(setup.mesh))
     rows = jnp.asarray(openings.rows)
     node_row, node_depth = jnp.asarray(openings.node_row), jnp.asarray(openings.node_depth)
-    n_rows, m = openings.rows.shape
     spec, image_id = setup.spec, self.tok.image_id
 
     def margin(params, tokens_bl, mask_bl, images_bhwc):
-      b, tp = tokens_bl.shape
-      tokens = jnp.concatenate([jnp.broadcast_to(tokens_bl[:, None], (b, n_rows, tp)),
-                                jnp.broadcast_to(rows[None], (b, n_rows, m))], axis=-1)
-      mask = jnp.concatenate([jnp.broadcast_to(mask_bl[:, None], (b, n_rows, tp)),
-                              jnp.ones((b, n_rows, m), mask_bl.dtype)], axis=-1)
       model = spec.merge(params)
-      inputs = {"tokens": tokens.reshape(b * n_rows, tp + m), "mask": mask.reshape(b * n_rows, tp + m),
-                "images": jnp.repeat(images_bhwc, n_rows, axis=0)}
-      hidden = model(inputs).hidden_btd[:, tp - 1:tp - 1 + m]  # next-token states after the prompt + j tokens
-      logp = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1).reshape(b, n_rows, m, -1)
-      return opening_margin(logp[:, node_row, node_depth], openings, image_id=image_id)
+      # The next-token states after the prompt + j tokens of every opening row (the prompt runs once).
+      hidden_brmd = decode.continuation_hidden(model, prompts={"tokens": tokens_bl, "mask": mask_bl,
+                                                               "images": images_bhwc}, continuations_rm=rows)
+      hidden_bnd = hidden_brmd[:, node_row, node_depth]  # only the openings' tree nodes need the vocabulary
+      logp = jax.nn.log_softmax(model.logits(hidden_bnd).astype(jnp.float32), axis=-1)
+      return opening_margin(logp, openings, image_id=image_id)
 
     self._fn = jax.jit(margin)
 

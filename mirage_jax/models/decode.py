@@ -89,10 +89,7 @@ def generate(model: VLM, *, prompts: Mapping[str, Array], config: GenerateConfig
   b, tp = tokens_bt.shape
   n = config.max_new_tokens
   dec = model.decoder
-  pre = dec(model.embed(prompts), mask_bts=causal_mask(mask_bt), positions_bt=positions_from_mask(mask_bt),
-            return_cache=True)
-  pad = ((0, 0), (0, 0), (0, n), (0, 0), (0, 0))
-  cache = jax.tree.map(lambda a: jnp.pad(a, pad), pre.cache)
+  pre, cache = _prefill(model, prompts, room=n)
   first_b = pick(dec.logits(pre.hidden_btd[:, -1:])[:, 0], n).astype(tokens_bt.dtype)  # step n: the first token
   key_valid_bs = jnp.concatenate([mask_bt, jnp.zeros((b, n), bool)], axis=1)
   lengths_b = mask_bt.sum(-1)
@@ -114,6 +111,43 @@ def generate(model: VLM, *, prompts: Mapping[str, Array], config: GenerateConfig
   init = (jnp.int32(0), first_b, cache, key_valid_bs, jnp.full((b, n), config.pad_id, tokens_bt.dtype),
           jnp.zeros((b,), bool))
   return jax.lax.while_loop(cond, body, init)[4]
+
+
+def _prefill(model: VLM, prompts: Mapping[str, Array], *, room: int):
+  """One pass over the left-padded prompts: the decoder's output and its KV cache [L, B, Tp + room, K, E]
+  with `room` empty slots after the prompt."""
+  mask_bt = prompts["mask"].astype(bool)
+  pre = model.decoder(model.embed(prompts), mask_bts=causal_mask(mask_bt),
+                      positions_bt=positions_from_mask(mask_bt), return_cache=True)
+  pad = ((0, 0), (0, 0), (0, room), (0, 0), (0, 0))
+  return pre, jax.tree.map(lambda a: jnp.pad(a, pad), pre.cache)
+
+
+def continuation_hidden(model: VLM, *, prompts: Mapping[str, Array], continuations_rm: Array) -> Array:
+  """The decoder states [B, R, M, D] that predict each token of R continuations (M tokens each) after each of
+  B left-padded prompts: [b, r, j] predicts continuation token j (j = 0 is the prompt's last state).
+
+  The same numbers as a full forward over every prompt + continuation pair, but each prompt (image included)
+  runs once: its KV cache is shared by the R continuations, whose first M - 1 tokens are one decode step of
+  M - 1 positions."""
+  mask_bt = prompts["mask"].astype(bool)
+  b, tp = mask_bt.shape
+  r, m = continuations_rm.shape
+  pre, cache = _prefill(model, prompts, room=m - 1)
+  last_b11d = pre.hidden_btd[:, None, -1:]
+  if m == 1:
+    return jnp.broadcast_to(last_b11d, (b, r, 1, last_b11d.shape[-1]))
+  t = m - 1
+  cache = jax.tree.map(lambda a: jnp.repeat(a, r, axis=1), cache)  # [L, B * R, Tp + t, K, E]
+  keys_valid = jnp.repeat(mask_bt, r, axis=0)
+  mask_bts = jnp.concatenate([jnp.broadcast_to(keys_valid[:, None], (b * r, t, tp)),
+                              jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b * r, t, t))], axis=2)
+  positions_bt = jnp.repeat(mask_bt.sum(-1), r)[:, None] + jnp.arange(t)[None]
+  tokens_bt = jnp.broadcast_to(continuations_rm[None, :, :t], (b, r, t)).reshape(b * r, t)
+  step = model.decoder(model.decoder.embed_tokens(tokens_bt), mask_bts=mask_bts, positions_bt=positions_bt,
+                       cache=cache, cache_index=tp)
+  rest_brtd = step.hidden_btd.reshape(b, r, t, -1)
+  return jnp.concatenate([jnp.broadcast_to(last_b11d, (b, r, 1, rest_brtd.shape[-1])), rest_brtd], axis=2)
 
 
 def generate_by_full_forward(model: VLM, *, prompts: Mapping[str, Array], config: GenerateConfig) -> Array:
