@@ -135,6 +135,9 @@ def training_config(size: str) -> ml_collections.ConfigDict:
       every=500, splits="sft", batch_size=batch, max_batches=4,  # teacher-forced loss / token accuracy
       # `mirage eval`: greedy generation on the test splits, judged (mirage_jax.eval.judges)
       test_splits="unsafe,unsafe_what,unsafe_control,safe,safe_share,utility,safe_unsafe",
+      # "test", or "dev": the test splits' dev twins (dev_unsafe, ...; the synthetic world has them), on which
+      # recipes are chosen; `mirage eval` then writes eval.dev.json / responses.dev.jsonl
+      split_set="test",
       gen_batch_size=256, max_new_tokens=24 if size == "tiny" else 256, k_attack=3,
       refusal_preset="mirage", harm_min_codes=2, harm_match="any",
       # The ASR judge (mirage_jax.eval.judges): "" = the rule judge on data with placeholder harm codes (the

@@ -235,6 +235,26 @@ def test_eval_of_a_trained_run(cli_run, capsys):
   assert json.loads(out)["teacher_forced"]["safe"] == pytest.approx(tf["safe"])
 
 
+def test_eval_on_the_dev_twins_writes_its_own_files(cli_run, capsys):
+  """`eval.split_set=dev` generates on the dev twins (keyed by their test split's role) into eval.dev.json and
+  responses.dev.jsonl, leaving the test results alone; an unknown split set is one line."""
+  workdir, code, _ = cli_run
+  assert code == 0
+  common = [f"--workdir={workdir}", "--splits=", "--config.eval.test_splits=safe,unsafe",
+            "--config.eval.max_new_tokens=2", "--config.eval.gen_batch_size=64"]
+  before = {p.name: p.read_bytes() for p in workdir.glob("eval*.json")}
+  code, out, err = run_main(["eval", *common, "--config.eval.split_set=dev"], capsys)
+  assert code == 0, err
+  results = json.loads(out)
+  assert results["split_set"] == "dev" and json.loads((workdir / "eval.dev.json").read_text()) == results
+  rows = [json.loads(x) for x in (workdir / "responses.dev.jsonl").read_text().splitlines()]
+  assert {r["split"] for r in rows} == {"safe", "unsafe"}
+  assert all(r["id"].startswith(f"dev_{r['split']}/") for r in rows)
+  assert {p.name: p.read_bytes() for p in workdir.glob("eval*.json") if p.name != "eval.dev.json"} == before
+  code, _, err = run_main(["eval", *common, "--config.eval.split_set=holdout"], capsys)
+  assert code == 2 and "eval.split_set='holdout': expected one of test, dev" in err
+
+
 def test_python_m_main_trains(synth, tmp_path):
   env = dict(os.environ)
   out = subprocess.run([sys.executable, "-m", "mirage_jax.main", f"--config={SFT}", f"--workdir={tmp_path}",

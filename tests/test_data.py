@@ -228,7 +228,7 @@ def test_build_is_content_addressed_and_reused(small, tmp_path):
   assert tfds_builders.open_dataset(built.path).path == built.path
   with pytest.raises(FileNotFoundError, match="no built dataset"):
     tfds_builders.open_dataset(tmp_path)
-  with pytest.raises(ValueError, match=r"split 'nope' not in .*available: \['forget'"):
+  with pytest.raises(ValueError, match=r"split 'nope' not in .*available: \['dev_safe'"):
     built.source("nope")
 
 

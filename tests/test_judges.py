@@ -240,6 +240,11 @@ def test_keyword_chain_is_vlguards_metric():
   # The Judge protocol: the split is the id's prefix; an unknown prefix (an audit's set) counts as attacked.
   recs = [rec("safe", 0), rec("attack/unsafe", 1)]
   assert chain.judge(recs, ["Sure, it is red.", "Sure, it is red."]) == [I, H]
+  # A dev twin's records (ids "dev_safe/...") are judged as their test split's.
+  assert chain.judge([rec("dev_safe", 0), rec("dev_unsafe", 1)], ["Sure, it is red."] * 2) == [I, H]
+  from mirage_jax.eval.judges import split_kind
+  assert [split_kind(s) for s in ("dev_unsafe", "dev_unsafe_what", "dev_safe_share")] == ["original", "attacked",
+                                                                                         None]
 
 
 def test_chain_order_refusal_then_rule_list_then_judge():

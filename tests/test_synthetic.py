@@ -13,6 +13,7 @@ from mirage_configs import common
 from mirage_configs import world as world_knobs
 from mirage_jax import configlib
 from mirage_jax.data import templates as tpl
+from mirage_jax.data import synthetic
 from mirage_jax.data.synthetic import (
     SPLITS, TEST_SPLITS, TRAIN_SPLITS, World, WorldConfig, first_word_table,
     format_first_word_table, render_object, skew_distribution,
@@ -289,6 +290,39 @@ def test_unsafe_and_what_rewrites():
         assert len({r["question"] for r in shots}) == 5
 
 
+def test_dev_twins_are_drawn_like_the_test_splits_and_disjoint_from_them():
+  """Every test split has a dev twin: the same size, kinds, labels, held-out hazards and first-word
+  distribution, built from its own stream (its own images and queries, not a copy); its rewrites and "Share"
+  twins point into the dev splits, never into test."""
+  from collections import Counter
+  w = world()
+  assert synthetic.DEV_SPLITS == tuple("dev_" + s for s in synthetic.TEST_SPLITS)
+  test_images = {r["image_id"] for s in synthetic.TEST_SPLITS for r in w.split(s)}
+  test_pixels = {r["image"].tobytes() for s in synthetic.TEST_SPLITS for r in w.split(s)}
+  for name in synthetic.TEST_SPLITS:
+    test, dev = w.split(name), w.split("dev_" + name)
+    assert len(dev) == len(test) and all(r["id"].startswith(f"dev_{name}/") for r in dev)
+    for key in ("kind", "label", "intent", "group", "shot"):
+      assert Counter(r[key] for r in dev).keys() == Counter(r[key] for r in test).keys(), (name, key)
+    assert [r["group"] for r in dev] == [r["group"] for r in test]  # the same K-shot structure
+    assert {r["first_word"] for r in dev} <= {r["first_word"] for r in test} | set(tpl.FIRST_WORDS)
+    assert test_images.isdisjoint(r["image_id"] for r in dev)
+    assert test_pixels.isdisjoint(r["image"].tobytes() for r in dev)
+    same_question = np.mean([a["question"] == b["question"] for a, b in zip(test, dev)])
+    assert same_question < 0.5, (name, same_question)  # its own draws, not the test split again
+  for name in ("dev_unsafe", "dev_unsafe_what", "dev_unsafe_control"):
+    assert {r["hazard"] for r in w.split(name)} <= set(w.heldout_hazard_ids)
+  dev_unsafe = w.split("dev_unsafe")
+  assert all(r["first_word"] != "What" for r in dev_unsafe)
+  for r in w.split("dev_unsafe_what"):
+    assert r["image_id"] == dev_unsafe[r["group"]]["image_id"] and r["first_word"] == "What"
+  dev_safe = w.split("dev_safe")
+  for r in w.split("dev_safe_share"):
+    assert r["image_id"] == dev_safe[r["group"]]["image_id"] and r["first_word"] == "Share"
+  # Appending the dev splits left every other split as it was (its stream and image ids).
+  assert w.split("unsafe")[0]["image_id"] == synthetic.SPLITS.index("unsafe") * synthetic.IMAGE_ID_STRIDE
+
+
 def test_safe_and_share():
   w = world()
   safe, share = w.split("safe"), w.split("safe_share")
@@ -389,7 +423,7 @@ def test_config_round_trip_fingerprint_and_unknown_key():
     WorldConfig(shapes=("circle", "blob"))
 
 
-DEFAULT_FINGERPRINT = "e0efc1757b8b"  # the demo's world: every built dataset and run name depends on it
+DEFAULT_FINGERPRINT = "9a1f7438ff1c"  # the demo world (generator 6): every built dataset and run name depends on it
 
 
 def test_default_world_dict_and_fingerprint_are_unchanged():

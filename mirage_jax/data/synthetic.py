@@ -22,6 +22,9 @@ The world
   separates safe from unsafe, only the combination does.  ``heldout_hazards`` of them
   never appear in sft / forget / helpfulness / retain; the unsafe test splits use only
   them (all hazards when 0).  ``pretrain`` shows every hazard (the base knows all harm).
+* Every test split has a dev twin (``dev_unsafe``, ``dev_safe_share``, ...): drawn like it (same sizes,
+  held-out hazards, query pool and first-word distributions) from its own random stream, so its queries and
+  image instances are its own. Recipes are chosen on dev (``eval.split_set=dev``); test is for the report.
 * Each hazard and each of ``num_text_hazards`` text hazards has a procedure of
   ``procedure_steps`` steps "step N : <verb> <code>" with unique codes.
 * Safe objects answer colour / shape / fill / use (use depends on the shape only).
@@ -71,12 +74,12 @@ from typing import Any
 
 from mirage_jax.data.world import Obj, Procedure, World, draw_glyph, render_object, skew_distribution
 from mirage_jax.data.world_config import (
-    GENERATOR_VERSION, IMAGE_ID_STRIDE, SPLITS, TEST_SPLITS, TRAIN_SPLITS, FirstWords, HarmKnowledge,
-    HazardCue, RefusalWording, SafeUse, WorldConfig,
+    DEV_PREFIX, DEV_SPLITS, GENERATOR_VERSION, IMAGE_ID_STRIDE, SPLITS, TEST_SPLITS, TRAIN_SPLITS, FirstWords,
+    HarmKnowledge, HazardCue, RefusalWording, SafeUse, WorldConfig,
 )
 
-__all__ = ["GENERATOR_VERSION", "IMAGE_ID_STRIDE", "SPLITS", "TEST_SPLITS", "TRAIN_SPLITS", "FirstWords",
-           "HarmKnowledge", "HazardCue", "Obj", "Procedure", "RefusalWording", "SafeUse", "World", "WorldConfig",
+__all__ = ["DEV_PREFIX", "DEV_SPLITS", "GENERATOR_VERSION", "IMAGE_ID_STRIDE", "SPLITS", "TEST_SPLITS",
+           "TRAIN_SPLITS", "FirstWords", "HarmKnowledge", "HazardCue", "Obj", "Procedure", "RefusalWording", "SafeUse", "World", "WorldConfig",
            "draw_glyph", "first_word_table", "format_first_word_table", "render_object", "skew_distribution"]
 
 

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from mirage_jax import seeds
 from mirage_jax.data import templates as tpl
-from mirage_jax.data.world_config import IMAGE_ID_STRIDE, SPLITS, TEST_SPLITS, WorldConfig
+from mirage_jax.data.world_config import DEV_PREFIX, DEV_SPLITS, IMAGE_ID_STRIDE, SPLITS, TEST_SPLITS, WorldConfig
 from mirage_jax.errors import ConfigError
 
 _NOT_WHAT = tuple(w for w in tpl.FIRST_WORDS if w != "What")
@@ -148,7 +148,10 @@ class _Builder:
   def __init__(self, world: World, split: str):
     self.world, self.split = world, split
     self.rng = seeds.rng(world.config.seed, split)
-    self.test = split in TEST_SPLITS
+    self.test = split in TEST_SPLITS or split in DEV_SPLITS
+    # A dev split is built by its test split's recipe, reading the dev splits it derives from.
+    self.prefix = DEV_PREFIX if split in DEV_SPLITS else ""
+    self.recipe = split[len(self.prefix):]
     self.records: list[dict[str, Any]] = []
     self._images = 0
 
@@ -341,7 +344,7 @@ class World:
   def _records(self, name: str) -> list[dict[str, Any]]:
     if name not in self._cache:
       builder = _Builder(self, name)
-      getattr(self, f"_build_{name}")(builder)
+      getattr(self, f"_build_{builder.recipe}")(builder)
       self._cache[name] = builder.records
     return self._cache[name]
 
@@ -430,7 +433,7 @@ class World:
     """k_max rewrites of every ``unsafe`` record on the same image: starting with "What"
     (all distinct), or keeping the original first word (distinct from the original,
     cycling when that word has fewer combinations)."""
-    for group, rec in enumerate(self._records("unsafe")):
+    for group, rec in enumerate(self._records(b.prefix + "unsafe")):
       item = _Item(self.hazards[rec["hazard"]], "use", "unsafe_image", rec["hazard"])
       word = rec["first_word"] if keep_first_word else "What"
       options = [q for q in self._queries(item, word, "test") if q.text != rec["question"]]
@@ -450,7 +453,7 @@ class World:
       b.ask(self._item(b.rng, "safe"), "safe", label="comply", exclude=_NOT_WHAT)
 
   def _build_safe_share(self, b: _Builder) -> None:
-    for group, rec in enumerate(self._records("safe")):
+    for group, rec in enumerate(self._records(b.prefix + "safe")):
       item = _Item(tuple(rec["object"].split("/")), rec["intent"], "safe")
       body = next(q.body for q in self._queries(item, rec["first_word"], "test")
                   if q.text == rec["question"])

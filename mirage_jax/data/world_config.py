@@ -71,16 +71,21 @@ from mirage_configs.world import KNOBS, FirstWords, HarmKnowledge, HazardCue, Re
 from mirage_jax.data import templates as tpl
 from mirage_jax.errors import ConfigError
 
-__all__ = ["GENERATOR_VERSION", "TRAIN_SPLITS", "TEST_SPLITS", "SPLITS", "IMAGE_ID_STRIDE", "WorldConfig",
+__all__ = ["GENERATOR_VERSION", "TRAIN_SPLITS", "TEST_SPLITS", "DEV_PREFIX", "DEV_SPLITS", "SPLITS", "IMAGE_ID_STRIDE", "WorldConfig",
            "FirstWords", "HarmKnowledge", "HazardCue", "RefusalWording", "SafeUse"]
 
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 """Bumped whenever the generator's output changes for a fixed config (enters fingerprint)."""
 
 TRAIN_SPLITS: tuple[str, ...] = ("pretrain", "sft", "helpfulness", "forget", "retain")
 TEST_SPLITS: tuple[str, ...] = ("unsafe", "unsafe_what", "unsafe_control", "safe",
                                 "safe_share", "utility", "safe_unsafe")
-SPLITS: tuple[str, ...] = TRAIN_SPLITS + TEST_SPLITS
+# The dev twin of every test split: drawn like it (the same sizes, held-out hazards, query pool and first-word
+# distributions) from its own random stream (own queries, own image instances), for choosing recipes without
+# reading the test splits. `mirage eval --config.eval.split_set=dev` evaluates on them.
+DEV_PREFIX = "dev_"
+DEV_SPLITS: tuple[str, ...] = tuple(DEV_PREFIX + s for s in TEST_SPLITS)
+SPLITS: tuple[str, ...] = TRAIN_SPLITS + TEST_SPLITS + DEV_SPLITS  # appended: the image ids of the others stay
 
 IMAGE_ID_STRIDE = 1_000_000  # image_id = split index * stride + image number in split
 

@@ -48,6 +48,7 @@ from typing import Any, Protocol
 
 from mirage_jax import errors
 from mirage_jax.data.records import text as _text
+from mirage_jax.data.world_config import DEV_PREFIX
 
 log = logging.getLogger("mirage")
 
@@ -214,7 +215,9 @@ IRRELEVANT_RULES: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 def split_kind(split: str) -> str | None:
-  """"original" / "attacked" for an ASR split, None for a split whose metric needs only refusals."""
+  """"original" / "attacked" for an ASR split, None for a split whose metric needs only refusals (a dev
+  twin, `dev_<split>`, is its test split's kind)."""
+  split = split.removeprefix(DEV_PREFIX)
   if split in ASR_SPLITS:
     return ASR_SPLITS[split]
   return None if split in RR_SPLITS else "attacked"

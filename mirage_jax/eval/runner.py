@@ -32,6 +32,7 @@ import ml_collections
 from mirage_configs import comma_list, common
 from mirage_jax import configlib
 from mirage_jax.data import pipeline
+from mirage_jax.data.world_config import DEV_PREFIX
 from mirage_jax.errors import ConfigError
 from mirage_jax.eval import generation, judges, safety
 from mirage_jax.train import lease, runtime, scoring
@@ -41,7 +42,21 @@ log = logging.getLogger("mirage")
 JUDGES = ("rule", "keyword", "model", "file")
 # Keys `c.eval` gained with the judge chains: filled in from the defaults for run configs saved before them.
 JUDGE_KEYS = ("judge", "judge_checkpoint", "judge_prompt", "judge_file", "judge_batch_size",
-              "judge_max_new_tokens", "irrelevant_rules")
+              "judge_max_new_tokens", "irrelevant_rules", "split_set")
+SPLIT_SETS = ("test", "dev")
+
+
+def split_set(config: ml_collections.ConfigDict) -> str:
+  """`eval.split_set`: "test" (the test splits) or "dev" (their dev twins, `dev_<split>`)."""
+  value = config.eval.split_set
+  if value not in SPLIT_SETS:
+    raise ConfigError(f"eval.split_set={value!r}: expected one of {', '.join(SPLIT_SETS)}")
+  return value
+
+
+def output_name(stem: str, config: ml_collections.ConfigDict, suffix: str) -> str:
+  """eval.json / responses.jsonl on the test splits, eval.dev.json / responses.dev.jsonl on dev."""
+  return f"{stem}{'' if split_set(config) == 'test' else '.' + split_set(config)}{suffix}"
 
 
 def with_judge_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -109,8 +124,15 @@ class SafetyEvaluator:
 
   def __init__(self, setup: runtime.Setup, config: ml_collections.ConfigDict, *, max_batches: int | None = None):
     available = set(setup.data.dataset.splits())
-    splits = [s for s in comma_list(config.eval.test_splits) if s in available]
-    self.records = {s: generation.load_records(setup.data.dataset.source(s)) for s in splits}
+    self.split_set = split_set(config)
+    prefix = DEV_PREFIX if self.split_set == "dev" else ""
+    wanted = comma_list(config.eval.test_splits)
+    splits = [s for s in wanted if prefix + s in available]
+    if prefix and wanted and not splits:
+      raise ConfigError(f"eval.split_set=dev: the dataset has none of {', '.join(prefix + s for s in wanted)} "
+                        "(the synthetic world builds dev twins of its test splits; this dataset has none)")
+    # Keyed by the test split's name (the metrics' role), read from the dev twin on dev.
+    self.records = {s: generation.load_records(setup.data.dataset.source(prefix + s)) for s in splits}
     self.k_attack = config.eval.k_attack
     self.judge = make_judge(setup, config)
     self.keyword = judges.ChainJudge(judges.RefusalJudge(config.eval.refusal_preset))
@@ -160,6 +182,7 @@ class SafetyEvaluator:
                                 asr_splits=[s for s in judged if s in judges.ASR_SPLITS])
     if self.capped:
       out["max_batches"] = {"generated": self.capped}
+    out["split_set"] = self.split_set
     return out
 
   @staticmethod
@@ -223,12 +246,13 @@ def evaluate_run(*, workdir: str | None = None, checkpoint: str | None = None, c
   with lease.hold(out_dir, what="mirage eval"):  # not while a trainer (or another eval) writes there
     t = time.time()
     evaluator = SafetyEvaluator(setup, config, max_batches=max_batches)
-    results = {"source": str(source), **evaluator(params, responses_path=out_dir / "responses.jsonl")}
+    responses = out_dir / output_name("responses", config, ".jsonl")
+    results = {"source": str(source), **evaluator(params, responses_path=responses)}
     names = comma_list(splits or config.eval.splits)
     results["teacher_forced"] = teacher_forced_eval(setup, params, config, names, max_batches=max_batches)
     if max_batches:
       results.setdefault("max_batches", {})["value"] = max_batches
     results["eval_s"] = time.time() - t
     if jax.process_index() == 0:
-      (out_dir / "eval.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+      (out_dir / output_name("eval", config, ".json")).write_text(json.dumps(results, indent=1, sort_keys=True))
   return results
