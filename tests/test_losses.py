@@ -340,14 +340,17 @@ def _rmu_batch():
           [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]]
   loss_mask = [[0, 0, 0, 0, 0, 1, 1, 1, 0, 0],
                [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]]
+  query_mask = [[0, 0, 0, 1, 1, 0, 0, 0, 0, 0],
+                [0, 0, 0, 1, 1, 0, 0, 0, 0, 0]]
   return {k: jnp.asarray(np.array(v, np.int32)) for k, v in
-          dict(tokens=tokens, mask=mask, loss_mask=loss_mask).items()}
+          dict(tokens=tokens, mask=mask, loss_mask=loss_mask, query_mask=query_mask).items()}
 
 
 @pytest.mark.parametrize("kind,expected", [
     # positions whose NEXT token is an answer token (the states that generate the answer)
     ("answer", [[0, 0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0, 0, 0]]),
     ("image_answer", [[0, 1, 1, 0, 1, 1, 1, 0, 0, 0], [0, 1, 1, 0, 1, 0, 0, 0, 0, 0]]),
+    ("query", [[0, 0, 0, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0, 0, 0]]),
     ("text", [[1, 0, 0, 1, 1, 1, 1, 1, 0, 0], [1, 0, 0, 1, 1, 1, 0, 0, 0, 0]]),
     ("all", [[1, 1, 1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]]),
 ])

@@ -96,16 +96,25 @@ def test_one_table_of_methods():
   assert {p.labels["method"] for p in config.points} == set(methods.NAMES)
 
 
-# The world ablation as `mirage demo --ablations` ran it before it became configs/ablations/world.py.
+# The world ablation as `mirage demo --ablations` ran it before it became configs/ablations/world.py, then the
+# ablations of the world's own first-word cues and of RMU's token mask: (variant, base overrides, methods, the
+# methods' own overrides).
+_ALL = ["sft_posthoc", "npo", "rmu"]
 WORLD_VARIANTS = [
-    ("default", [], ["sft_posthoc"]),
-    ("glyph", ["--config.data.world.hazard_cue=glyph"], ["sft_posthoc"]),
-    ("no_unsafe_instruction", ["--config.data.world.safe_image_unsafe_instruction=0.0"], ["sft_posthoc"]),
-    ("private_verbs", ["--config.data.world.shared_verbs=False"], ["sft_posthoc", "npo", "rmu"]),
-    ("test_hazards_seen", ["--config.data.world.heldout_hazards=0"], ["sft_posthoc"]),
-    ("no_skew", ["--config.data.world.first_word_skew=0.0"], ["sft_posthoc"]),
-    ("safe_use_0.25", ["--config.data.world.safe_use_fraction=0.25"], ["sft_posthoc"]),
-    ("use_by_shape", ["--config.data.world.safe_use=shape"], ["sft_posthoc"]),
+    ("default", [], ["sft_posthoc"], []),
+    ("glyph", ["--config.data.world.hazard_cue=glyph"], ["sft_posthoc"], []),
+    ("no_unsafe_instruction", ["--config.data.world.safe_image_unsafe_instruction=0.0"], ["sft_posthoc"], []),
+    ("private_verbs", ["--config.data.world.shared_verbs=False"], _ALL, []),
+    ("test_hazards_seen", ["--config.data.world.heldout_hazards=0"], ["sft_posthoc"], []),
+    ("no_skew", ["--config.data.world.first_word_skew=0.0"], ["sft_posthoc"], []),
+    ("safe_use_0.25", ["--config.data.world.safe_use_fraction=0.25"], ["sft_posthoc"], []),
+    ("use_by_shape", ["--config.data.world.safe_use=shape"], ["sft_posthoc"], []),
+    ("no_openers", ["--config.data.world.answer_openers=False"], _ALL, []),
+    ("helpfulness_uniform", ["--config.data.world.helpfulness_first_words=uniform"], ["sft_posthoc"], []),
+    ("safe_use_0.5", ["--config.data.world.safe_use_fraction=0.5"], _ALL, []),
+    ("benign_procedures", ["--config.data.world.safe_use=procedure"], _ALL, []),
+    ("rmu_mask_all", [], ["rmu"], ["--config.loss.mask=all"]),
+    ("rmu_mask_query", [], ["rmu"], ["--config.loss.mask=query"]),
 ]
 
 
@@ -117,10 +126,14 @@ def test_world_ablation_sweep_points():
     assert p.overrides[0] == "--config.seed=0"
     v = p.labels["variant"]
     if not p.init_from:
-      got.append((v, list(p.overrides[1:]), []))
+      got.append((v, list(p.overrides[1:]), [], []))
     else:
-      assert p.init_from == f"base-{v}-tiny-s0" and list(p.overrides[1:]) == got[-1][1]
+      base = got[-1][1]
+      assert p.init_from == f"base-{v}-tiny-s0" and list(p.overrides[1:1 + len(base)]) == base
       got[-1][2].append(p.labels["method"])
+      own = list(p.overrides[1 + len(base):])
+      assert not got[-1][3] or got[-1][3] == own
+      got[-1] = (*got[-1][:3], own)
   assert got == WORLD_VARIANTS
   assert sw.points[1].name == "sft_posthoc-default-tiny-s0"
   two = sweep.load("configs/ablations/world.py", overrides=["--config.variants=glyph, private_verbs",

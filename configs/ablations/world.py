@@ -23,6 +23,7 @@ from mirage_configs.ablations import knob_list, point, seeds, SIZES
 
 _SIZES = {"cpu": "tiny", "pod": "1b"}
 DEFAULT = "default"  # the unchanged world: the reference of the base reuse
+_ALL = ("sft_posthoc", "npo", "rmu")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,6 +32,7 @@ class Variant:
   overrides: tuple[str, ...]  # world-knob overrides
   what: str
   methods: tuple[str, ...] = ("sft_posthoc",)  # run from the variant's base
+  method_overrides: tuple[str, ...] = ()  # the methods' own overrides (a loss knob): the base is unchanged
 
 
 VARIANTS = (
@@ -49,6 +51,23 @@ VARIANTS = (
             what="a quarter of the safe SFT instructions ask an object's use"),
     Variant(name="use_by_shape", overrides=("--config.data.world.safe_use=shape",),
             what="benign uses follow the shape (a visual rule)"),
+    # The first-word cues this world adds beyond VLGuard's, each taken away (SFT and the unlearning methods).
+    Variant(name="no_openers", overrides=("--config.data.world.answer_openers=False",),
+            what="comply answers open with one neutral phrase, not an opener tied to the query's first word",
+            methods=_ALL),
+    Variant(name="helpfulness_uniform", overrides=("--config.data.world.helpfulness_first_words=uniform",),
+            what="post-hoc SFT's helpfulness data has uniform first words (not the SFT split's 89 % \"What\")"),
+    Variant(name="safe_use_0.5", overrides=("--config.data.world.safe_use_fraction=0.5",),
+            what="half the safe SFT / helpfulness / retain instructions ask an object's use (common, not rare)",
+            methods=_ALL),
+    Variant(name="benign_procedures", overrides=("--config.data.world.safe_use=procedure",),
+            what="benign use answers are procedures in the harmful answers' format (step N : verb code)",
+            methods=_ALL),
+    # RMU's token mask (the demo's default steers the answer positions; the paper's RMU steers every one).
+    Variant(name="rmu_mask_all", overrides=(), method_overrides=("--config.loss.mask=all",),
+            what="RMU steers every real position, image tokens included (the paper's RMU)", methods=("rmu",)),
+    Variant(name="rmu_mask_query", overrides=(), method_overrides=("--config.loss.mask=query",),
+            what="RMU steers the question's positions only", methods=("rmu",)),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -72,6 +91,6 @@ def sweep(config=None):
       for v in (BY_NAME[name] for name in knob_list(config, "variants", list(BY_NAME))):
         base = point("base", size, seed, overrides=v.overrides, tag=v.name, what=v.what)
         points.append(base)
-        points += [point(m, size, seed, overrides=v.overrides, tag=v.name, init_from=base["name"], what=v.what)
-                   for m in v.methods]
+        points += [point(m, size, seed, overrides=(*v.overrides, *v.method_overrides), tag=v.name,
+                         init_from=base["name"], what=v.what) for m in v.methods]
   return points

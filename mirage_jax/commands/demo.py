@@ -155,12 +155,15 @@ def run_world_ablation(runs: StageRunner, *, size: str, overrides: Sequence[str]
     reuse = pipeline.split_digest(configs[base_point.name].data, "pretrain") == default_digest
     base = default_base if reuse else runs.run(base_point, configs[base_point.name], label=f"[ablation {name}]")
     models = {"base": report_lib.model_entry(base.metrics)}
+    method_overrides = sorted({o for p in group if p.init_from for o in p.overrides
+                               if o not in base_point.overrides})
     for p in group:
       if p.init_from:
         done = runs.run(p, configs[p.name], upstream=base, label=f"[ablation {name}]")
         models[p.labels["method"]] = report_lib.model_entry(done.metrics)
     rows[name] = {"what": base_point.labels["what"], "base_reused": reuse, "models": models,
-                  "overrides": [o for o in base_point.overrides if o.startswith(_WORLD_KNOB)]}
+                  "overrides": [o for o in base_point.overrides if o.startswith(_WORLD_KNOB)],
+                  "method_overrides": method_overrides}
   return rows
 
 

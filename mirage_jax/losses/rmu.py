@@ -15,6 +15,7 @@ up to it too.
                 content. The query positions are left alone, so the steering cannot key on the query's first
                 word (feasibility prototypes that steered every position learned "Share..." -> gibberish).
   image_answer  the image tokens and the answer positions
+  query         the question's tokens only (`query_mask`): steering that can key on the first word alone
   text          every real text token (query and answer)
   all           every real token, image tokens included
 """
@@ -39,6 +40,7 @@ Array = jax.Array
 class Mask(enum.StrEnum):
   ANSWER = "answer"
   IMAGE_ANSWER = "image_answer"
+  QUERY = "query"
   TEXT = "text"
   ALL = "all"
 
@@ -51,7 +53,8 @@ def position_mask(batch: Mapping[str, Array], kind: str, image_token_id: int) ->
   valid = batch["mask"] > 0
   answer = logprob.next_token_labels(batch["tokens"], batch["loss_mask"]) >= 0
   image = batch["tokens"] == image_token_id
-  masks = {"answer": answer, "image_answer": answer | image, "text": valid & ~image, "all": valid}
+  masks = {"answer": answer, "image_answer": answer | image, "query": batch["query_mask"] > 0,
+           "text": valid & ~image, "all": valid}
   if kind not in masks:
     raise ValueError(f"loss.mask={kind!r}; valid: {MASKS}")
   return masks[kind].astype(jnp.float32)
