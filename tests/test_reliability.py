@@ -406,6 +406,10 @@ def test_an_unexplained_save_error_is_classified_by_the_disk(tmp_path, monkeypat
                                              r"step was committed") as e:
     ckpt._guarded(3, opaque)
   assert isinstance(e.value.__cause__, RuntimeError) and e.value.abandon_process
+  # The library's exception (which it may log again later) keeps none of mirage's frames.
+  import traceback
+  frames = traceback.extract_tb(e.value.__cause__.__traceback__)
+  assert frames and not [f for f in frames if "/mirage_jax/" in f.filename], frames
   monkeypatch.setattr(ckpt._mgr, "wait_until_finished", lambda: pytest.fail("waited after the failure"))
   ckpt.close()
 

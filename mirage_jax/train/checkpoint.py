@@ -162,6 +162,7 @@ class Checkpointer:
         why = "the checkpoint directory was removed while the run was using it"
       elif (gone and not reason) or why.startswith("NOT_FOUND"):
         why = "files of the checkpoint being written vanished (was its directory removed?)"
+      _drop_own_frames(e)
       raise self._failure(why, also=step) from e
 
   def _vanished_paths(self, e: BaseException) -> bool:
@@ -219,6 +220,21 @@ class Checkpointer:
 _STORAGE_ERRORS = re.compile(r"No space left on device|Read-only file system|Permission denied|"
                              r"No such file or directory|Disk quota exceeded|Input/output error|"
                              r"NOT_FOUND: Error (?:writing|reading)")  # tensorstore: a file vanished mid-save
+
+
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parents[1])
+
+
+def _drop_own_frames(e: BaseException) -> None:
+  """Orbax keeps its writers' exceptions and re-raises the same objects in the caller's thread, then may log
+  them again later (from a thread, or asyncio's "exception was never retrieved" at exit). Passing through
+  `_guarded` gave them this package's frames, which such a log would show as if mirage had crashed: the
+  leading frames of ours are dropped from every exception of the chain (the library's own frames stay)."""
+  for c in _chain(e):
+    tb = c.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+      tb = tb.tb_next
+    c.__traceback__ = tb
 
 
 def _refused_write(directory: pathlib.Path) -> OSError | None:
