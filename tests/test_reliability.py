@@ -353,7 +353,8 @@ def test_storage_faults_during_a_save(tmp_path, small_fs, straight_storage_run, 
   proc.send_signal(signal.SIGCONT)
   err = finish(proc, timeout=420)
   mirage_frame = re.search(r'File "[^"]*mirage_jax/', err)
-  assert not mirage_frame, err[max(mirage_frame.start() - 2500, 0):mirage_frame.end() + 2500]  # no traceback of mirage's
+  # No traceback of mirage's (the failure shows the text around the frame).
+  assert not mirage_frame, err[max(mirage_frame.start() - 2500, 0):mirage_frame.end() + 2500]
   if proc.returncode == 0 and fault == "removed":
     # Orbax re-created the directory and the save of 6 and 8 got through: a finished run, nothing lost.
     assert checksum(workdir) == straight_storage_run

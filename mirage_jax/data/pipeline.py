@@ -87,6 +87,9 @@ class SplitCache:
     return preprocess.training_example(rec, self.tok, self.fmt)
 
 
+NO_PREFETCH = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # batches assembled in the caller's thread
+
+
 def read_options(data: Mapping[str, Any]) -> grain.ReadOptions:
   """grain's prefetch of a training stream from the `config.data` block (`prefetch_batches` batches
   assembled ahead by `read_threads` threads; either 0 = none, batches are then assembled in the step's
@@ -98,7 +101,7 @@ def read_options(data: Mapping[str, Any]) -> grain.ReadOptions:
       raise ConfigError(f"data.{key}={v!r}: expected an integer >= 0 (0 = no prefetch)")
     values[key] = v
   if not (values["prefetch_batches"] and values["read_threads"]):
-    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return NO_PREFETCH
   return grain.ReadOptions(num_threads=values["read_threads"], prefetch_buffer_size=values["prefetch_batches"])
 
 
@@ -124,8 +127,7 @@ class Stream:
     if process_count > 1:
       ds = ds.slice(slice(process_index, None, process_count))
     self._dataset = ds.batch(global_batch // process_count, drop_remainder=True)
-    self._iter = iter(self._dataset.to_iter_dataset(read or grain.ReadOptions(num_threads=0,
-                                                                              prefetch_buffer_size=0)))
+    self._iter = iter(self._dataset.to_iter_dataset(read or NO_PREFETCH))
 
   def __iter__(self):
     return self

@@ -79,8 +79,9 @@ from mirage_jax.data.world_config import (
 )
 
 __all__ = ["DEV_PREFIX", "DEV_SPLITS", "GENERATOR_VERSION", "IMAGE_ID_STRIDE", "SPLITS", "TEST_SPLITS",
-           "TRAIN_SPLITS", "FirstWords", "HarmKnowledge", "HazardCue", "Obj", "Procedure", "RefusalWording", "SafeUse", "World", "WorldConfig",
-           "draw_glyph", "first_word_table", "format_first_word_table", "render_object", "skew_distribution"]
+           "TRAIN_SPLITS", "FirstWords", "HarmKnowledge", "HazardCue", "Obj", "Procedure", "RefusalWording",
+           "SafeUse", "World", "WorldConfig", "draw_glyph", "first_word_table", "format_first_word_table",
+           "render_object", "skew_distribution"]
 
 
 # --------------------------------------------------------------------------- statistics

@@ -71,8 +71,9 @@ from mirage_configs.world import KNOBS, FirstWords, HarmKnowledge, HazardCue, Re
 from mirage_jax.data import templates as tpl
 from mirage_jax.errors import ConfigError
 
-__all__ = ["GENERATOR_VERSION", "TRAIN_SPLITS", "TEST_SPLITS", "DEV_PREFIX", "DEV_SPLITS", "SPLITS", "IMAGE_ID_STRIDE", "WorldConfig",
-           "FirstWords", "HarmKnowledge", "HazardCue", "RefusalWording", "SafeUse"]
+__all__ = ["GENERATOR_VERSION", "TRAIN_SPLITS", "TEST_SPLITS", "DEV_PREFIX", "DEV_SPLITS", "SPLITS",
+           "IMAGE_ID_STRIDE", "WorldConfig", "FirstWords", "HarmKnowledge", "HazardCue", "RefusalWording",
+           "SafeUse"]
 
 GENERATOR_VERSION = 6
 """Bumped whenever the generator's output changes for a fixed config (enters fingerprint)."""

@@ -56,7 +56,8 @@ def split_set(config: ml_collections.ConfigDict) -> str:
 
 def output_name(stem: str, config: ml_collections.ConfigDict, suffix: str) -> str:
   """eval.json / responses.jsonl on the test splits, eval.dev.json / responses.dev.jsonl on dev."""
-  return f"{stem}{'' if split_set(config) == 'test' else '.' + split_set(config)}{suffix}"
+  chosen = split_set(config)
+  return f"{stem}{'' if chosen == 'test' else '.' + chosen}{suffix}"
 
 
 def with_judge_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -151,8 +151,9 @@ class Checkpointer:
       # removed (and maybe re-created by a writer still running)
       replaced = self._identity is not None and _identity(self.directory) != self._identity
       gone = replaced or self._vanished_paths(e)
-      refused = None if _storage_error(e) or gone else _refused_write(self.directory)
-      if not (_storage_error(e) or gone or refused):
+      storage = gone or _storage_error(e)
+      refused = None if storage else _refused_write(self.directory)
+      if not storage and refused is None:
         raise
       # An error that does not say why (a library's wrapper of it): the disk says it.
       text = str(refused) if refused is not None else " ".join(str(c) for c in _chain(e))
