@@ -16,8 +16,10 @@ from flax import nnx
 from mirage_jax import compile as aot
 from mirage_jax import configlib, describe, sharding
 from mirage_jax.errors import CheckpointError, ConfigError
-from mirage_jax.models import VLM, VLMConfig, lora
+from mirage_jax.models import VLM, VLMConfig, layers, lora
+from mirage_jax.models.config import LoRAConfig
 from mirage_jax.train import checkpoint, loop, runtime
+from mirage_jax.train import metrics as metrics_lib
 from mirage_jax.train.state import model_spec
 
 SFT = "configs/sft/posthoc.py:tiny"
@@ -115,12 +117,58 @@ def test_adapted_forward_equals_the_merged_kernels():
     (["--config.lora.targets=decoder/layers/attn/q/kernel,decoder/nosuch/kernel"],
      r"lora.targets: 'decoder/nosuch/kernel' matches no Dense kernel"),
     (["--config.lora.targets=decoder/embed"], r"'decoder/embed' matches no Dense kernel"),
-    (["--config.lora.dropout=0.1"], r"lora.dropout=0.1: adapter dropout is not implemented"),
+    (["--config.lora.dropout=1.0"], r"lora.dropout=1.0 must be in \[0, 1\)"),
+    (["--config.lora.dropout=-0.1"], r"lora.dropout=-0.1 must be in \[0, 1\)"),
     (["--config.lora.rank=-1"], r"lora.rank=-1 must be >= 0"),
 ])
 def test_lora_config_errors_name_the_key(overrides, match):
   with pytest.raises(ConfigError, match=match):
     pure(model_config(*RANK, *overrides))
+
+
+class _Stack(nnx.Module):
+  def __init__(self, n: int, width: int, rngs: nnx.Rngs):
+    self.layers = layers.stacked(lambda r: layers.Dense((width,), (width,), ("embed", "mlp"), use_bias=False,
+                                                        rngs=r, dtype=np.float32, param_dtype=np.float32), n, rngs)
+
+
+def _dropout_stack(p: float, *, n: int = 3, width: int = 16):
+  """A stack of `n` equal adapted Dense layers (non-zero B), applied to the same input at every layer."""
+  m = _Stack(n, width, nnx.Rngs(0))
+  lora.add_adapters(m, LoRAConfig(rank=4, dropout=p, targets=("layers/kernel",)), nnx.Rngs(1))
+  graphdef, state = nnx.split(m)
+  pure_state = nnx.to_pure_dict(state)
+  one = jax.tree.map(lambda x: x[:1], pure_state)
+  pure_state = jax.tree.map(lambda x: np.repeat(np.asarray(x), n, axis=0), one)  # every layer the same
+  pure_state["layers"]["lora_b"] = np.full_like(pure_state["layers"]["lora_b"], 0.1)
+  nnx.replace_by_pure_dict(state, pure_state)
+  x0 = np.asarray(jax.random.normal(jax.random.key(2), (5, width)))
+
+  def apply(key, x=x0, remat="none"):
+    with layers.dropout_key(key):
+      _, ys = layers.run_stack(nnx.merge(graphdef, state).layers, lambda blk, c, _: (c, blk(c)), x, remat=remat)
+    return ys
+
+  return apply, x0
+
+
+def test_adapter_dropout_draws_per_layer_only_in_training_and_is_unbiased():
+  apply, x = _dropout_stack(0.5)
+  clean = np.asarray(apply(None))
+  assert np.allclose(clean[0], clean[1]) and np.allclose(clean[1], clean[2])  # no context: no dropout
+  np.testing.assert_array_equal(clean, np.asarray(_dropout_stack(0.0)[0](jax.random.key(0))))  # p = 0: off
+  key = jax.random.key(7)
+  drawn = np.asarray(apply(key))
+  np.testing.assert_array_equal(drawn, np.asarray(apply(key)))  # a function of the key
+  assert not np.allclose(drawn[0], drawn[1]) and not np.allclose(drawn[1], drawn[2])  # a mask per layer
+  assert not np.allclose(drawn, np.asarray(apply(jax.random.key(8))))
+  # E[mask / (1 - p)] = 1: the mean over many keys is the undropped output.
+  mean = np.mean(np.asarray(jax.vmap(apply)(jax.random.split(jax.random.key(9), 4000))), axis=0)
+  np.testing.assert_allclose(mean, clean, atol=0.02 * np.max(np.abs(clean)))
+  # Rematerialisation redraws the same masks: gradients equal with and without remat.
+  grads = {r: np.asarray(jax.grad(lambda v, r=r: (apply(key, v, r) ** 2).sum())(x)) for r in ("none", "full")}
+  np.testing.assert_allclose(grads["full"], grads["none"], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(grads["none"], np.asarray(jax.grad(lambda v: (apply(None, v) ** 2).sum())(x)))
 
 
 def test_describe_counts_the_adapters_as_trainable():
@@ -275,3 +323,30 @@ def test_lora_resume_is_bit_exact_and_a_different_base_is_refused(synth, tmp_pat
     runtime.load_run(workdir, overrides=["--config.seed=1"])
   with pytest.raises(CheckpointError, match="not a LoRA checkpoint"):
     runtime.checkpoint.check_base(None, meta["lora"]["base"], where=ckpts / "6")
+
+
+def test_adapter_dropout_in_the_train_step_is_seeded_by_step_and_resumes_exactly(synth, tmp_path):
+  """LoRA SFT with lora.dropout=0.5: step 1 equals the undropped run (B starts at 0, and only the adapter path
+  is dropped), later steps differ; a stopped and resumed run draws the same masks; with accumulation too."""
+  args = ["--config.batch_size=8", "--config.eval.every=0", "--config.eval.splits=", "--config.log_every=1",
+          "--config.optim.warmup_steps=1", "--config.total_steps=4", "--config.checkpoint_every=2",
+          "--config.keep_checkpoints=5", *RANK]
+  cfg = configlib.apply_overrides(configlib.load(SFT), args)
+  losses = {}
+  for p in (0.0, 0.5):
+    c = configlib.apply_overrides(cfg, [f"--config.lora.dropout={p}"])
+    loop.run(c, tmp_path / f"p{p}")
+    losses[p] = [r["loss"] for r in metrics_lib.read_metrics(tmp_path / f"p{p}") if "loss" in r]
+  assert len(losses[0.5]) == 4
+  assert losses[0.5][0] == losses[0.0][0] and losses[0.5][2:] != losses[0.0][2:]
+  ckpts = tmp_path / "p0.5" / "checkpoints"
+  uninterrupted = host_params(ckpts / "4")
+  shutil.rmtree(ckpts / "4")
+  resumed = loop.run(configlib.apply_overrides(cfg, ["--config.lora.dropout=0.5"]), tmp_path / "p0.5")
+  assert (resumed.first_step, resumed.last_step) == (2, 4)
+  again = host_params(ckpts / "4")
+  assert all(np.array_equal(uninterrupted[k], again[k]) for k in again)
+  accum = configlib.apply_overrides(cfg, ["--config.lora.dropout=0.5", "--config.optim.accum_steps=2",
+                                          "--config.batch_size=16", "--config.total_steps=2"])
+  summary = loop.run(accum, tmp_path / "accum")
+  assert np.isfinite(summary.final["loss"])

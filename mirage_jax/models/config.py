@@ -101,7 +101,7 @@ class LoRAConfig:
 
   rank: int = 0
   alpha: float = 0.0  # 0 = 2 x rank, the paper's ratio (rank 128, alpha 256)
-  dropout: float = 0.0
+  dropout: float = 0.0  # adapter-input dropout in training (PEFT's lora_dropout); evaluation never drops
   targets: tuple[str, ...] = (LORA_TARGETS,)
   train_projector: bool = False  # the projector trains fully beside the adapters
 
@@ -110,8 +110,9 @@ class LoRAConfig:
       raise ConfigError(f"lora.rank={self.rank} must be >= 0 (0 = off)")
     if self.alpha < 0:
       raise ConfigError(f"lora.alpha={self.alpha} must be >= 0 (0 = 2 x rank)")
-    if self.dropout:
-      raise ConfigError(f"lora.dropout={self.dropout}: adapter dropout is not implemented; set lora.dropout=0")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1) (the probability of dropping an "
+                        "adapter input entry in training; 0 = off)")
     if self.rank and not self.targets:
       raise ConfigError("lora.targets is empty: name the parameter paths to adapt (regexes over kernel paths)")
 

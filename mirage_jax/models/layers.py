@@ -6,8 +6,11 @@ those names to mesh axes. Parameters are stored in `param_dtype` and cast to the
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -33,6 +36,51 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
   except TypeError as e:
     raise ConfigError(f"unknown dtype {name!r} (use float32 or bfloat16)") from e
+
+
+class _Dropout:
+  """The PRNG key adapter dropout draws from while a train step is traced (`dropout_key`); `stacks` counts
+  the layer stacks entered, so two forwards of one step (NPO's forget and retain streams, RMU's split scan)
+  draw different masks."""
+
+  def __init__(self, key: Array):
+    self.key = key
+    self.stacks = 0
+
+  def next_stack(self) -> Array:
+    self.stacks += 1
+    return jax.random.fold_in(self.key, self.stacks)
+
+
+_DROPOUT: contextvars.ContextVar[_Dropout | None] = contextvars.ContextVar("mirage_dropout", default=None)
+
+
+@contextlib.contextmanager
+def _scoped(ctx: _Dropout | None) -> Iterator[None]:
+  token = _DROPOUT.set(ctx)
+  try:
+    yield
+  finally:
+    _DROPOUT.reset(token)
+
+
+def dropout_key(key: Array | None) -> contextlib.AbstractContextManager:
+  """Trace the enclosed forwards in training mode: every `Dense` with `lora_dropout` > 0 drops its adapter
+  input with a mask drawn from `key`, folded with the micro-batch (`dropout_fold`), the stack call and layer
+  index (`run_stack`) and the kernel's path. Outside this context (evaluation, decoding, scoring) and with
+  `key=None` nothing is dropped."""
+  return _scoped(None if key is None else _Dropout(key))
+
+
+def dropout_fold(data: Array | int) -> contextlib.AbstractContextManager:
+  """Inside `dropout_key`: draw from the key folded with `data` (a micro-batch index); else a no-op."""
+  ctx = _DROPOUT.get()
+  return _scoped(None if ctx is None else _Dropout(jax.random.fold_in(ctx.key, data)))
+
+
+def path_id(path: str) -> int:
+  """A stable 31-bit id of a parameter path (folded into dropout keys)."""
+  return zlib.crc32(path.encode()) & 0x7FFFFFFF
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[str | None],
@@ -66,11 +114,20 @@ class Dense(nnx.Module):
     if lora_a is not None:
       a_kr = lora_a[...].astype(self.dtype).reshape(math.prod(ins), -1)
       b_ro = self.lora_b[...].astype(self.dtype).reshape(a_kr.shape[1], math.prod(outs))
-      y = y + jnp.asarray(self.lora_scale, self.dtype) * ((x_nk @ a_kr) @ b_ro)
+      y = y + jnp.asarray(self.lora_scale, self.dtype) * ((self._adapter_input(x_nk) @ a_kr) @ b_ro)
     y = y.reshape(*lead, *outs)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+  def _adapter_input(self, x_nk: Array) -> Array:
+    """x, or (training, `lora_dropout` = p > 0) x with each entry zeroed with probability p and the rest
+    scaled by 1 / (1 - p): PEFT's `lora_B(lora_A(dropout(x)))`. The base path always sees the whole x."""
+    p, ctx = getattr(self, "lora_dropout", 0.0), _DROPOUT.get()
+    if not p or ctx is None:
+      return x_nk
+    keep = jax.random.bernoulli(jax.random.fold_in(ctx.key, self.lora_id), 1.0 - p, x_nk.shape)
+    return jnp.where(keep, x_nk / jnp.asarray(1.0 - p, x_nk.dtype), jnp.zeros((), x_nk.dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -204,18 +261,25 @@ def run_stack(stack: nnx.Module, fn: Callable, carry: Any, *, start: int = 0, st
   stop = n if stop is None else stop
   if not 0 <= start <= stop <= n:
     raise ValueError(f"layer range [{start}, {stop}) outside a stack of {n} layers")
+  if start == stop:
+    return carry, None
   if (start, stop) != (0, n):
     state = _slice_layers(state, start, stop)
+  # Training with adapter dropout (`dropout_key`): each layer draws from its own key.
+  dropout = _DROPOUT.get()
+  stack_key = None if dropout is None else dropout.next_stack()
+  layer_ids = None if dropout is None else jnp.arange(start, stop, dtype=jnp.int32)
 
   def body(c, inputs):
-    layer_state, x_l = inputs
-    return fn(nnx.merge(graphdef, layer_state), c, x_l)
+    layer_state, x_l, layer = inputs
+    if stack_key is None:
+      return fn(nnx.merge(graphdef, layer_state), c, x_l)
+    with _scoped(_Dropout(jax.random.fold_in(stack_key, layer))):
+      return fn(nnx.merge(graphdef, layer_state), c, x_l)
 
   if Remat(remat) != Remat.NONE:
     body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-  if start == stop:
-    return carry, None
-  return jax.lax.scan(body, carry, (state, xs), unroll=bool(unroll))
+  return jax.lax.scan(body, carry, (state, xs, layer_ids), unroll=bool(unroll))
 
 
 def _slice_layers(state: nnx.State, start: int, stop: int) -> nnx.State:

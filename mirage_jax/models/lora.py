@@ -67,7 +67,7 @@ def targeted(model: nnx.Module, targets: tuple[str, ...]) -> dict[str, layers.De
 
 def add_adapters(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> None:
   """Give every targeted Dense of `model` a `lora_a` / `lora_b` pair (see the module docstring)."""
-  for dense in targeted(model, cfg.targets).values():
+  for path, dense in targeted(model, cfg.targets).items():
     kernel = dense.kernel
     names = tuple(kernel.get_metadata()["out_sharding"])
     lead = 1 if names[0] == "layers" else 0  # stacked by `layers.stacked`
@@ -81,6 +81,8 @@ def add_adapters(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> None:
     dense.lora_b = layers.param(rngs, nnx.initializers.zeros_init(), (*kernel.shape[:lead], cfg.rank, *outs),
                                 (*head, RANK, *out_names), dtype)
     dense.lora_scale = cfg.scale
+    dense.lora_dropout = cfg.dropout  # applied only inside `layers.dropout_key` (the train step)
+    dense.lora_id = layers.path_id(path)
 
 
 def is_adapter(path: str) -> bool:

@@ -41,6 +41,7 @@ from mirage_jax.losses.npo import NPO, Normalize
 from mirage_jax.losses.rmu import RMU, position_mask
 from mirage_jax.losses.sft import SFT
 from mirage_jax.losses.simnpo import SimNPO
+from mirage_jax.models import layers
 
 Array = jax.Array
 Counter = Callable[[Mapping[str, Mapping[str, Array]]], Array]  # batches -> float32 scalar normaliser
@@ -159,13 +160,14 @@ def value_and_grad(loss_fn: Callable, params: Any, batches: Mapping[str, Mapping
   zeros = pin(jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), params))
 
   def body(acc, xs):
-    mb, w_t = xs
-    (value, metrics), g = jax.value_and_grad(surrogate, has_aux=True)(params, mb, w_t)
+    mb, w_t, j = xs
+    with layers.dropout_fold(j):  # adapter dropout (training with LoRA dropout): a mask per micro-batch
+      (value, metrics), g = jax.value_and_grad(surrogate, has_aux=True)(params, mb, w_t)
     acc = pin(jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g))
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     return acc, (value.astype(jnp.float32), metrics)
 
-  acc, (values, metrics) = jax.lax.scan(body, zeros, (micro, weights))
+  acc, (values, metrics) = jax.lax.scan(body, zeros, (micro, weights, jnp.arange(steps)))
   combined = {k: jnp.mean(v) for k, v in metrics.items()}
   for i, t in enumerate(parts):
     combined[t.metric] = jnp.sum(weights[:, i] * metrics[t.metric])

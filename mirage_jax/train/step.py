@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from mirage_jax.models import layers
 from mirage_jax.train import accum
 from mirage_jax.train.state import ModelSpec, TrainState
 
@@ -46,12 +47,16 @@ def make_train_step(*, spec: ModelSpec, loss: Callable, tx: optax.GradientTransf
     def loss_fn(params, batches=batches):
       return loss(spec.merge(params, frozen), batches=batches, reference=ref_model, extras=state.extras)
 
-    if accum_steps == 1:
-      (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    else:  # micro-batches summed in float32 inside the step (mirage_jax.train.accum)
-      (value, metrics), grads = accum.value_and_grad(loss_fn, state.params, batches, loss=loss, steps=accum_steps,
-                                                     image_token_id=spec.config.image_token_id,
-                                                     shardings=shardings.state.params)
+    # LoRA adapter dropout draws from the run's key folded with the step: a resumed run draws the same masks.
+    key = (jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+           if spec.config.lora.enabled and spec.config.lora.dropout else None)
+    with layers.dropout_key(key):
+      if accum_steps == 1:
+        (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      else:  # micro-batches summed in float32 inside the step (mirage_jax.train.accum)
+        (value, metrics), grads = accum.value_and_grad(loss_fn, state.params, batches, loss=loss,
+                                                       steps=accum_steps, image_token_id=spec.config.image_token_id,
+                                                       shardings=shardings.state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
