@@ -272,9 +272,7 @@ def run_stack(stack: nnx.Module, fn: Callable, carry: Any, *, start: int = 0, st
 
   def body(c, inputs):
     layer_state, x_l, layer = inputs
-    if stack_key is None:
-      return fn(nnx.merge(graphdef, layer_state), c, x_l)
-    with _scoped(_Dropout(jax.random.fold_in(stack_key, layer))):
+    with _scoped(None if stack_key is None else _Dropout(jax.random.fold_in(stack_key, layer))):
       return fn(nnx.merge(graphdef, layer_state), c, x_l)
 
   if Remat(remat) != Remat.NONE:
