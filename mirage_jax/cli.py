@@ -30,7 +30,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-from mirage_jax.errors import UsageError, UserError
+from mirage_jax.errors import UsageError, UserError, drop_package_frames
 
 COMMANDS: dict[str, Callable] = {}
 
@@ -430,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("MIRAGE_DEBUG"):
       raise
     message, abandon = f"mirage {name}: error: {e}", e.abandon_process
+    drop_package_frames(e)  # what caused it may be logged again by a library (below); it is not a crash of ours
   # The failed command's frames are gone now: collecting them lets libraries that log what they leave behind
   # (asyncio's "exception was never retrieved" from a failed background save) do so above the one error line;
   # the "coroutine was never awaited" warnings of that garbage would name this line, so they are not shown.

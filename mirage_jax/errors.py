@@ -5,10 +5,15 @@ line flag. The CLI prints its message as one line and exits 2; every other excep
 (an internal shape error is a bug, not a user mistake). The kinds also derive from the builtin they refine
 (`ValueError`, `FileNotFoundError`), so code that catches those keeps working.
 
-This module imports nothing: every layer may raise these.
+This module imports only the standard library: every layer may raise these.
 """
 
 from __future__ import annotations
+
+import os
+import types
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class UserError(Exception):
@@ -43,3 +48,26 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class UsageError(UserError, ValueError):
   """A command-line flag combination that cannot be used."""
+
+
+def drop_package_frames(e: BaseException | None) -> None:
+  """Remove this package's frames from the tracebacks of `e` and of what caused it, wherever they sit.
+
+  Libraries with background writers (Orbax) keep their writers' exceptions and re-raise the same objects in
+  other threads, so one object's traceback collects the frames of every place it passed through, and such a
+  library may log it again later (asyncio's "exception was never retrieved" at garbage collection). Once a
+  failure is reported as a `UserError`, those logs would show this package's frames as if it had crashed;
+  the library's own frames stay."""
+  seen: set[int] = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    kept, tb = [], e.__traceback__
+    while tb is not None:
+      if not tb.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR):
+        kept.append(tb)
+      tb = tb.tb_next
+    rebuilt = None
+    for t in reversed(kept):
+      rebuilt = types.TracebackType(rebuilt, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    e.__traceback__ = rebuilt
+    e = e.__cause__ or e.__context__

@@ -386,6 +386,76 @@ def test_storage_faults_during_a_save(tmp_path, small_fs, straight_storage_run, 
   assert checksum(workdir) == straight_storage_run
 
 
+def test_package_frames_are_dropped_wherever_a_reraised_error_collected_them():
+  """Orbax re-raises one writer exception object in several threads, so its traceback collects this package's
+  frames in the middle, not only at the head; every one of them goes (in the cause chain too), the library's
+  frames stay in order."""
+  ours = {}
+  exec(compile("def call(f):\n  return f()\n", os.path.join(errors.PACKAGE_DIR, "_fake_module.py"), "exec"), ours)
+
+  def lib_write():
+    raise FileNotFoundError("gone")
+
+  def lib_reraise(exc):
+    raise exc
+
+  try:
+    ours["call"](lib_write)
+  except FileNotFoundError as e:
+    first = e
+  try:  # the same object raised again through a library frame called from ours
+    ours["call"](lambda: lib_reraise(first))
+  except FileNotFoundError:
+    pass
+  try:
+    try:
+      ours["call"](lambda: lib_reraise(first))
+    except FileNotFoundError as e:
+      raise errors.CheckpointError("save failed") from e
+  except errors.CheckpointError as e:
+    top = e
+
+  def frames(e):
+    tb, out = e.__traceback__, []
+    while tb is not None:
+      out.append((tb.tb_frame.f_code.co_filename, tb.tb_frame.f_code.co_name))
+      tb = tb.tb_next
+    return out
+
+  before = frames(first)
+  assert sum(f.startswith(errors.PACKAGE_DIR) for f, _ in before) == 3  # head, middle, middle
+  errors.drop_package_frames(top)
+  after = frames(first)
+  assert [f for f in before if not f[0].startswith(errors.PACKAGE_DIR)] == after
+  assert [n for _, n in after].count("lib_reraise") == 2 and after[-1][1] == "lib_write"
+  assert not any(f.startswith(errors.PACKAGE_DIR) for f, _ in frames(top))
+
+
+def test_joining_orbax_writers_after_a_failure_does_not_reraise_their_errors():
+  """Orbax's thread classes re-raise their target's exception from `join`; the checkpointer joins them after
+  it classified that failure, which must not raise it again (it surfaced as a crash of mirage's)."""
+  import threading
+
+  from mirage_jax.train import checkpoint
+
+  class Writer(threading.Thread):  # like orbax's futures.ThreadRaiseException
+    __module__ = "orbax.checkpoint._src.futures.future"
+
+    def run(self):
+      self.exception = OSError(30, "Read-only file system")
+
+    def join(self, *a, **k):
+      super().join(*a, **k)
+      raise self.exception
+
+  w = Writer()
+  w.start()
+  with pytest.raises(OSError):
+    Writer.join(w)
+  checkpoint.Checkpointer._join_writers(timeout=5)  # waits, raises nothing
+  assert not w.is_alive()
+
+
 def test_an_unexplained_save_error_is_classified_by_the_disk(tmp_path, monkeypatch):
   """A library error that does not say why a save failed is a storage failure when a write to the checkpoint
   directory is refused (the refusal is the reason given), and re-raised as it is when the disk takes writes;

@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from mirage_jax.errors import CheckpointError, MissingFileError
+from mirage_jax.errors import CheckpointError, MissingFileError, drop_package_frames
 from mirage_jax.train import faults
 from mirage_jax.train.state import TrainState
 
@@ -163,7 +163,7 @@ class Checkpointer:
         why = "the checkpoint directory was removed while the run was using it"
       elif (gone and not reason) or why.startswith("NOT_FOUND"):
         why = "files of the checkpoint being written vanished (was its directory removed?)"
-      _drop_own_frames(e)
+      drop_package_frames(e)
       raise self._failure(why, also=step) from e
 
   def _vanished_paths(self, e: BaseException) -> bool:
@@ -211,31 +211,17 @@ class Checkpointer:
   @staticmethod
   def _join_writers(timeout: float = 30.0) -> None:
     """Let Orbax's writer threads finish failing (they log their own errors; bounded), so that the one-line
-    error the command prints is the last thing the user reads."""
+    error the command prints is the last thing the user reads. Orbax's thread classes re-raise their target's
+    exception from `join` (here already classified): the base class's `join` only waits."""
     deadline = time.monotonic() + timeout
     for t in threading.enumerate():
       if t is not threading.current_thread() and type(t).__module__.startswith("orbax."):
-        t.join(max(deadline - time.monotonic(), 0.0))
+        threading.Thread.join(t, max(deadline - time.monotonic(), 0.0))
 
 
 _STORAGE_ERRORS = re.compile(r"No space left on device|Read-only file system|Permission denied|"
                              r"No such file or directory|Disk quota exceeded|Input/output error|"
                              r"NOT_FOUND: Error (?:writing|reading)")  # tensorstore: a file vanished mid-save
-
-
-_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parents[1])
-
-
-def _drop_own_frames(e: BaseException) -> None:
-  """Orbax keeps its writers' exceptions and re-raises the same objects in the caller's thread, then may log
-  them again later (from a thread, or asyncio's "exception was never retrieved" at exit). Passing through
-  `_guarded` gave them this package's frames, which such a log would show as if mirage had crashed: the
-  leading frames of ours are dropped from every exception of the chain (the library's own frames stay)."""
-  for c in _chain(e):
-    tb = c.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-      tb = tb.tb_next
-    c.__traceback__ = tb
 
 
 def _refused_write(directory: pathlib.Path) -> OSError | None:
