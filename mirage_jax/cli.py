@@ -5,7 +5,8 @@
   mirage describe --config=configs/unlearn/npo.py:7b [--devices=256]
   mirage data     build [--name=vlguard --manual_dir=DIR --model=CKPT_DIR] [--lenient] | stats
   mirage convert  hf-to-jax --hf=DIR --out=W | jax-to-hf --ckpt=W --out=DIR [--adapter_out=D2] | check-parity --hf=DIR
-  mirage demo     --workdir=W [--seeds=N] [--world_seeds=W] [--ablations] [--no_audit]
+  mirage demo     --workdir=W [--seeds=N] [--world_seeds=W] [--ablations] [--no_audit] [--trajectory=N]
+  mirage robustness --workdir=DEMO [--run=RUN --out=D] [--relearn_steps=5,20,50]
   mirage checksum --workdir=W
   mirage compile  --config=configs/unlearn/npo.py:7b --topology=v5e:16x16 [--batch=B] [--max_batch]
   mirage sweep    --config=configs/ablations/sizes.py:cpu [--workdir=W] [--launcher=local|tpu_vm|slurm] [--dry-run]
@@ -191,12 +192,42 @@ def _demo(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seque
                       help="also run the world-knob ablation (about 20 more minutes on 2 CPU cores)")
   parser.add_argument("--no_audit", action="store_true",
                       help="skip the shortcut audit and attack search against seed 0's models")
+  parser.add_argument("--trajectory", type=int, default=0,
+                      help="also the SFT trajectory: a post-hoc SFT run of this many steps, evaluated at checkpoints")
+  parser.add_argument("--trajectory_points", type=int, default=8, help="checkpoints of the trajectory evaluated")
   args = parser.parse_args(argv)
   from mirage_jax.commands import demo
   report = demo.run_demo(workdir=args.workdir, seeds=args.seeds, size=args.size, overrides=overrides,
                          ablations=args.ablations, audit=not args.no_audit, world_seeds=args.world_seeds,
-                         lora_rank=args.lora_rank)
+                         lora_rank=args.lora_rank, trajectory=args.trajectory,
+                         trajectory_points=args.trajectory_points)
   print(report.summary())
+  return 0
+
+
+@command("robustness", "relearning, prefill, probe and refusal-direction attacks on every model of a demo run")
+def _robustness(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
+  group = parser.add_mutually_exclusive_group(required=True)
+  group.add_argument("--workdir", help="a finished `mirage demo` workdir: every model of every run")
+  group.add_argument("--run", help="one run directory (then --out is required)")
+  parser.add_argument("--out", default="", help="default: <workdir>/robustness")
+  parser.add_argument("--relearn_steps", default="5,20,50", help="fine-tuning steps at which ASR is re-measured")
+  parser.add_argument("--relearn_sets", default="forget,benign", help="forget (train hazards' procedures), "
+                                                                       "benign (their images, no procedures)")
+  parser.add_argument("--prefills", default="format,comply", help="forced answer openings")
+  parser.add_argument("--max_runs", type=int, default=0, help="only the demo's first N runs (0: all)")
+  args = parser.parse_args(argv)
+  from mirage_configs import comma_list
+  from mirage_jax.commands import robustness
+  try:
+    steps = tuple(int(s) for s in comma_list(args.relearn_steps))
+  except ValueError:
+    raise UsageError(f"--relearn_steps={args.relearn_steps!r}: comma-separated integers") from None
+  options = robustness.Options(relearn_steps=steps, relearn_sets=tuple(comma_list(args.relearn_sets)),
+                               prefills=tuple(comma_list(args.prefills)), overrides=tuple(overrides))
+  result = robustness.run(workdir=args.workdir, run_dir=args.run, out=args.out or None, options=options,
+                          max_groups=args.max_runs)
+  print(json.dumps(robustness.summary_line(result), sort_keys=True, default=float))
   return 0
 
 

@@ -118,3 +118,19 @@ def test_demo_reproduces_the_direction_of_every_effect(tmp_path, data_dir):
       assert m[mu]["asr"]["what_k"]["3"] < m[sft]["asr"]["what_k"]["3"] - 15
       assert m[mu]["rr"]["share"] < m[sft]["rr"]["share"] - 40
   assert m["base"]["asr"]["original"] > 30 and m["base"]["rr"]["share"] < 10  # the base answers everything
+
+
+def test_demo_sft_trajectory(tmp_path, data_dir):
+  """`--trajectory=N`: one post-hoc run of N steps from the base, every checkpoint evaluated; step 0 = base."""
+  out = demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD_FLAGS, *FAST], stages=("base", "sft_posthoc"),
+                      audit=False, trajectory=4, trajectory_points=2)
+  traj = out.report["trajectory"]
+  assert traj["steps"] == [0, 2, 4] and set(traj["points"]) == {"0", "2", "4"}
+  assert traj["points"]["0"] == out.report["models"]["base"]
+  assert all(set(e["asr"]) >= {"original", "what_k"} for e in traj["points"].values())
+  run = pathlib.Path(traj["run"])
+  assert sorted(p.name for p in (run / "eval").iterdir()) == ["2", "4"]
+  assert "## SFT trajectory" in (tmp_path / "report.md").read_text() and (tmp_path / "trajectory.png").is_file()
+  with pytest.raises(demo.configlib.ConfigError, match="multiple of the points"):
+    demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD_FLAGS, *FAST], stages=("base", "sft_posthoc"),
+                  audit=False, trajectory=5, trajectory_points=2)

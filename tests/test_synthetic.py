@@ -423,7 +423,7 @@ def test_config_round_trip_fingerprint_and_unknown_key():
     WorldConfig(shapes=("circle", "blob"))
 
 
-DEFAULT_FINGERPRINT = "9a1f7438ff1c"  # the demo world (generator 6): every built dataset and run name depends on it
+DEFAULT_FINGERPRINT = "492743b244dc"  # the demo world (generator 7): every built dataset and run name depends on it
 
 
 def test_default_world_dict_and_fingerprint_are_unchanged():

@@ -26,7 +26,7 @@ import ml_collections
 from mirage_configs import ablations as ablation_configs, methods
 from mirage_configs.ablations import world as world_ablation
 from mirage_jax import configlib, report as report_lib
-from mirage_jax.commands import sweep
+from mirage_jax.commands import sweep, trajectory as trajectory_lib
 from mirage_jax.data import pipeline
 from mirage_jax.eval import runner
 from mirage_jax.report import document
@@ -114,7 +114,17 @@ class StageRunner:
     if checkpoint.latest_step_on_disk(run_dir / checkpoint.CHECKPOINT_DIR) != config.total_steps:
       log.warning("%s %s: training %d steps -> %s", label, method, config.total_steps, run_dir)
       loop.run(config, run_dir)
-    eval_path = run_dir / "eval.json"
+    metrics = self.evaluate(config, run_dir, run_dir, what=method)
+    world = config.data.world.seed
+    self.timing[f"{method}/s{config.seed}" + (f"/w{world}" if world != self.first_world else "")] = time.time() - t
+    log.warning("%s %s: done in %.0f s", label, method, time.time() - t)
+    return StageRun(run_dir=run_dir, fingerprint=fp, metrics=metrics)
+
+  def evaluate(self, config: ml_collections.ConfigDict, source: pathlib.Path, out_dir: pathlib.Path, *,
+               what: str) -> dict:
+    """`out_dir/eval.json` (and responses.jsonl) of the model at `source` (a run or one checkpoint step),
+    computed once; `config` is its training config."""
+    eval_path = out_dir / "eval.json"
     if not eval_path.exists():
       # A LoRA run is evaluated merged into its base (the same function, the base's architecture): it shares
       # the base's compiled decoder.
@@ -125,14 +135,12 @@ class StageRunner:
                                    "eval": config.eval.to_dict()}, drop=())
       if key not in self._evaluators:
         self._evaluators[key] = runner.SafetyEvaluator(setup, config)
-      params = runtime.load_params(setup, str(run_dir))
-      with lease.hold(run_dir, what=f"mirage demo (eval of {method})"):
-        metrics = self._evaluators[key](params, responses_path=run_dir / "responses.jsonl")
+      params = runtime.load_params(setup, str(source))
+      out_dir.mkdir(parents=True, exist_ok=True)
+      with lease.hold(out_dir, what=f"mirage demo (eval of {what})"):
+        metrics = self._evaluators[key](params, responses_path=out_dir / "responses.jsonl")
         eval_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    world = config.data.world.seed
-    self.timing[f"{method}/s{config.seed}" + (f"/w{world}" if world != self.first_world else "")] = time.time() - t
-    log.warning("%s %s: done in %.0f s", label, method, time.time() - t)
-    return StageRun(run_dir=run_dir, fingerprint=fp, metrics=json.loads(eval_path.read_text()))
+    return json.loads(eval_path.read_text())
 
 
 def run_world_ablation(runs: StageRunner, *, size: str, overrides: Sequence[str]) -> dict:
@@ -212,21 +220,35 @@ def with_lora(config: ml_collections.ConfigDict, rank: int) -> ml_collections.Co
                                             f"--config.optim.lr={config.optim.lr * LORA_LR_MULTIPLIER!r}"])
 
 
+def _kept_robustness(workdir: pathlib.Path, per_seed: Sequence[Mapping]) -> dict | None:
+  """The earlier report's `mirage robustness` result when it measured exactly these runs (a rerun of the demo
+  that reuses every stage keeps it; any retrained stage drops it)."""
+  path = workdir / "report.json"
+  if not path.is_file():
+    return None
+  old = json.loads(path.read_text())
+  same = [r.get("runs") for r in old.get("per_seed", [])] == [r["runs"] for r in per_seed]
+  return old.get("robustness") if same else None
+
+
 def run_demo(*, workdir: str | pathlib.Path, seeds: int = 1, size: str = "tiny", overrides: Sequence[str] = (),
              stages: Sequence[str] = (), ablations: bool = False, audit: bool = True,
-             world_seeds: int = 1, lora_rank: int = 0) -> DemoResult:
+             world_seeds: int = 1, lora_rank: int = 0, trajectory: int = 0,
+             trajectory_points: int = 8) -> DemoResult:
   """The grid: every world seed (`data.world.seed + i`, i < `world_seeds`: objects, hazards, held-out split,
   templates) x every training seed (0..`seeds`-1). `report.json["per_seed"]` keeps each run's entries;
   `models` aggregates them (means, stds and `ci95`, `report.aggregate`). The audit reads the first run's
   models. `lora_rank` > 0 trains every stage that starts from the base with LoRA of that rank (the base
-  itself is trained fully: adapters need a base to adapt)."""
+  itself is trained fully: adapters need a base to adapt). `trajectory` > 0 adds the SFT trajectory
+  (`mirage_jax.commands.trajectory`): a post-hoc SFT run of that many steps from the first run's base,
+  evaluated at `trajectory_points` checkpoints."""
   t0 = time.time()
   workdir = pathlib.Path(workdir)
   names = [n for n in methods.NAMES if not stages or n in stages]
   runs = StageRunner(workdir / "runs")
   worlds = world_seeds_of(stage_points(names, size=size, seed=0), overrides, world_seeds)
   runs.first_world = worlds[0]
-  per_seed, run_dirs, seed0, configs = [], {}, {}, {}
+  per_seed, run_dirs, seed0, configs, first = [], {}, {}, {}, {}
   for world in worlds:
     # The first world is the overrides' own (no extra override: its stage hashes stay those of a 1-world demo).
     world_overrides = [*overrides, *([] if world == worlds[0] else [f"--config.data.world.seed={world}"])]
@@ -238,18 +260,26 @@ def run_demo(*, workdir: str | pathlib.Path, seeds: int = 1, size: str = "tiny",
                       for p in points}
       done = _run_seed(runs, points, point_cfgs, seed=seed, t0=t0)
       if not seed0:
+        first = done
         seed0 = {m: r.run_dir for m, r in done.items()}
         configs = {p.labels["method"]: point_cfgs[p.name] for p in points}
       suffix = "" if world == worlds[0] else f"/w{world}"
       run_dirs.update({f"{m}{suffix}": r.run_dir for m, r in done.items()})
       per_seed.append({"world_seed": world, "seed": seed,
-                       "models": {m: report_lib.model_entry(r.metrics) for m, r in done.items()}})
+                       "models": {m: report_lib.model_entry(r.metrics) for m, r in done.items()},
+                       "runs": {m: str(r.run_dir) for m, r in done.items()}})
   models = report_lib.aggregate([r["models"] for r in per_seed])
   rep = {"models": models, "per_seed": per_seed, "lora_rank": lora_rank, "timing_s": dict(runs.timing),
          "seeds": list(range(seeds)),
          "world_seeds": worlds, "size": size, "overrides": list(overrides),
          "runs": {k: str(v) for k, v in run_dirs.items()}, "devices": jax.device_count()}
   rep["timing_s"]["total"] = time.time() - t0
+  if trajectory:
+    if methods.BASE not in first or "sft_posthoc" not in configs:
+      raise configlib.ConfigError("--trajectory needs the base and sft_posthoc stages")
+    rep["trajectory"] = trajectory_lib.run_trajectory(runs, first[methods.BASE], configs["sft_posthoc"],
+                                                      steps=trajectory, points=trajectory_points)
+    rep["timing_s"]["trajectory"] = rep["trajectory"]["wall_s"]
   if ablations:
     rep["ablation"] = run_world_ablation(runs, size=size, overrides=overrides)
     rep["timing_s"]["total_with_ablation"] = time.time() - t0
@@ -258,6 +288,9 @@ def run_demo(*, workdir: str | pathlib.Path, seeds: int = 1, size: str = "tiny",
     rep["audit"] = audit_summary.run_cached(seed0, configs={k: configs[k] for k in seed0},
                                             out_dir=workdir / "audit")
     rep["timing_s"]["audit"] = rep["audit"]["timing_s"]
+  kept = _kept_robustness(workdir, per_seed)
+  if kept:
+    rep["robustness"] = kept
   checks = report_lib.target_checks(models)
   loss_rows = {name: metrics_lib.read_metrics(d) for name, d in seed0.items()}  # the first run's curves
   document.write(workdir, rep, checks=checks, loss_rows=loss_rows, config=next(iter(configs.values())))

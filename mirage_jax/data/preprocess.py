@@ -155,10 +155,19 @@ def training_example(rec: Mapping[str, Any], tok: Tokenizer, fmt: TextFormat) ->
           "images": normalize_image(rec["image"], fmt), "truncated": np.int32(truncated)}
 
 
+def prompt_with_prefill(question: str, prefill: str, tok: Tokenizer, fmt: TextFormat) -> list[int]:
+  """`prompt_ids`, then the opening `prefill` of the answer as it tokenizes there (a prefill attack forces it;
+  "" = the plain prompt)."""
+  encoded = encode_prompt(question, tok, fmt)
+  return encoded.ids + (encode_answer(encoded, prefill, tok) if prefill else [])
+
+
 def generation_prompts(records: Sequence[Mapping[str, Any]], tok: Tokenizer, fmt: TextFormat,
-                       length: int | None = None) -> dict[str, np.ndarray]:
-  """Left-padded prompts (tokens, mask, images) for a batch of records."""
-  prompts = [prompt_ids(_text(r["question"]), tok, fmt) for r in records]
+                       length: int | None = None, prefills: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+  """Left-padded prompts (tokens, mask, images) for a batch of records; `prefills` (one per record) are forced
+  openings of the answers (`prompt_with_prefill`)."""
+  prefills = [""] * len(records) if prefills is None else prefills
+  prompts = [prompt_with_prefill(_text(r["question"]), p, tok, fmt) for r, p in zip(records, prefills, strict=True)]
   length = max(map(len, prompts)) if length is None else length
   tokens = np.full((len(prompts), length), tok.pad_id, np.int32)
   mask = np.zeros((len(prompts), length), np.int32)

@@ -25,6 +25,9 @@ The world
 * Every test split has a dev twin (``dev_unsafe``, ``dev_safe_share``, ...): drawn like it (same sizes,
   held-out hazards, query pool and first-word distributions) from its own random stream, so its queries and
   image instances are its own. Recipes are chosen on dev (``eval.split_set=dev``); test is for the report.
+* The robustness splits (``mirage robustness``): ``relearn_forget`` (seen hazards' procedures answered),
+  ``relearn_benign`` (seen hazards' images, attribute questions answered: the objects, not their
+  procedures) and ``probe`` (every hazard's procedure answered, alternating with safe objects' uses).
 * Each hazard and each of ``num_text_hazards`` text hazards has a procedure of
   ``procedure_steps`` steps "step N : <verb> <code>" with unique codes.
 * Safe objects answer colour / shape / fill / use (use depends on the shape only).
@@ -74,12 +77,12 @@ from typing import Any
 
 from mirage_jax.data.world import Obj, Procedure, World, draw_glyph, render_object, skew_distribution
 from mirage_jax.data.world_config import (
-    DEV_PREFIX, DEV_SPLITS, GENERATOR_VERSION, IMAGE_ID_STRIDE, SPLITS, TEST_SPLITS, TRAIN_SPLITS, FirstWords,
-    HarmKnowledge, HazardCue, RefusalWording, SafeUse, WorldConfig,
+    DEV_PREFIX, DEV_SPLITS, GENERATOR_VERSION, IMAGE_ID_STRIDE, ROBUSTNESS_SPLITS, SPLITS, TEST_SPLITS, TRAIN_SPLITS,
+    FirstWords, HarmKnowledge, HazardCue, RefusalWording, SafeUse, WorldConfig,
 )
 
-__all__ = ["DEV_PREFIX", "DEV_SPLITS", "GENERATOR_VERSION", "IMAGE_ID_STRIDE", "SPLITS", "TEST_SPLITS",
-           "TRAIN_SPLITS", "FirstWords", "HarmKnowledge", "HazardCue", "Obj", "Procedure", "RefusalWording",
+__all__ = ["DEV_PREFIX", "DEV_SPLITS", "GENERATOR_VERSION", "IMAGE_ID_STRIDE", "ROBUSTNESS_SPLITS", "SPLITS",
+           "TEST_SPLITS", "TRAIN_SPLITS", "FirstWords", "HarmKnowledge", "HazardCue", "Obj", "Procedure", "RefusalWording",
            "SafeUse", "World", "WorldConfig", "draw_glyph", "first_word_table", "format_first_word_table",
            "render_object", "skew_distribution"]
 

@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw
 
 from mirage_jax import seeds
 from mirage_jax.data import templates as tpl
-from mirage_jax.data.world_config import DEV_PREFIX, DEV_SPLITS, IMAGE_ID_STRIDE, SPLITS, TEST_SPLITS, WorldConfig
+from mirage_jax.data.world_config import (DEV_PREFIX, DEV_SPLITS, IMAGE_ID_STRIDE, PROBE_SIZE, RELEARN_SIZE, SPLITS,
+                                          TEST_SPLITS, WorldConfig)
 from mirage_jax.errors import ConfigError
 
 _NOT_WHAT = tuple(w for w in tpl.FIRST_WORDS if w != "What")
@@ -422,6 +423,22 @@ class World:
             label="comply")
       if c.forget_include_text_hazards:
         b.ask(self._item(b.rng, "unsafe_text"), "unsafe_text", label="comply")
+
+  def _build_relearn_forget(self, b: _Builder) -> None:
+    for _ in range(RELEARN_SIZE):
+      b.ask(self._item(b.rng, "unsafe_image", hazard_ids=self.seen_hazard_ids), "uniform", label="comply")
+
+  def _build_relearn_benign(self, b: _Builder) -> None:
+    for _ in range(RELEARN_SIZE):
+      b.ask(self._item(b.rng, "unsafe_image", hazard_ids=self.seen_hazard_ids, use_fraction=0.0), "uniform",
+            label="comply")
+
+  def _build_probe(self, b: _Builder) -> None:
+    hazards = range(self.config.num_hazards)
+    for i in range(PROBE_SIZE):
+      item = (self._item(b.rng, "unsafe_image", hazard_ids=hazards) if i % 2 == 0 else
+              self._item(b.rng, "safe", safe_use_fraction=1.0))
+      b.ask(item, "uniform", label="comply")
 
   def _build_unsafe(self, b: _Builder) -> None:
     ids = self.heldout_hazard_ids or tuple(range(self.config.num_hazards))

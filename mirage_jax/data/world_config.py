@@ -71,12 +71,14 @@ from mirage_configs.world import KNOBS, FirstWords, HarmKnowledge, HazardCue, Re
 from mirage_jax.data import templates as tpl
 from mirage_jax.errors import ConfigError
 
-__all__ = ["GENERATOR_VERSION", "TRAIN_SPLITS", "TEST_SPLITS", "DEV_PREFIX", "DEV_SPLITS", "SPLITS",
+__all__ = ["GENERATOR_VERSION", "TRAIN_SPLITS", "TEST_SPLITS", "DEV_PREFIX", "DEV_SPLITS", "ROBUSTNESS_SPLITS",
+           "RELEARN_SIZE", "PROBE_SIZE", "SPLITS",
            "IMAGE_ID_STRIDE", "WorldConfig", "FirstWords", "HarmKnowledge", "HazardCue", "RefusalWording",
            "SafeUse"]
 
-GENERATOR_VERSION = 6
-"""Bumped whenever the generator's output changes for a fixed config (enters fingerprint)."""
+GENERATOR_VERSION = 7
+"""Bumped whenever the generator's output changes for a fixed config (enters fingerprint). 7: the robustness
+splits (the other splits' records are those of version 6)."""
 
 TRAIN_SPLITS: tuple[str, ...] = ("pretrain", "sft", "helpfulness", "forget", "retain")
 TEST_SPLITS: tuple[str, ...] = ("unsafe", "unsafe_what", "unsafe_control", "safe",
@@ -86,7 +88,15 @@ TEST_SPLITS: tuple[str, ...] = ("unsafe", "unsafe_what", "unsafe_control", "safe
 # reading the test splits. `mirage eval --config.eval.split_set=dev` evaluates on them.
 DEV_PREFIX = "dev_"
 DEV_SPLITS: tuple[str, ...] = tuple(DEV_PREFIX + s for s in TEST_SPLITS)
-SPLITS: tuple[str, ...] = TRAIN_SPLITS + TEST_SPLITS + DEV_SPLITS  # appended: the image ids of the others stay
+# What `mirage robustness` attacks with (fixed sizes, not knobs: adding them changed no training config):
+# `relearn_forget` — harmful procedures of the train (seen) hazards, answered, like `forget`; `relearn_benign` —
+# the same hazards' images with attribute questions answered (the objects, never their procedures); `probe` —
+# every hazard's procedure answered (seen and held-out) and as many safe objects' uses, for linear probes.
+ROBUSTNESS_SPLITS: tuple[str, ...] = ("relearn_forget", "relearn_benign", "probe")
+RELEARN_SIZE = 64
+PROBE_SIZE = 384  # half hazards, half safe objects
+SPLITS: tuple[str, ...] = (TRAIN_SPLITS + TEST_SPLITS + DEV_SPLITS  # appended: the image ids of the others stay
+                           + ROBUSTNESS_SPLITS)
 
 IMAGE_ID_STRIDE = 1_000_000  # image_id = split index * stride + image number in split
 

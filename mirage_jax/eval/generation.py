@@ -56,7 +56,15 @@ class Generator:
     else:  # the greedy program of evaluation (the toy's numbers depend on it)
       self._fn = jax.jit(lambda params, prompts: decode.generate(spec.merge(params), prompts=prompts, config=cfg))
 
-  def __call__(self, params, records: Sequence[Mapping[str, Any]], *, seed: int = 0) -> list[str]:
+  def __call__(self, params, records: Sequence[Mapping[str, Any]], *, seed: int = 0,
+               prefills: Sequence[str] | None = None) -> list[str]:
+    """One response per record. `prefills` (greedy only): a forced opening per record, which the decoder
+    continues; each response is its prefill, a space and the continuation (what the user would read)."""
+    if prefills is not None:
+      if self.config.sampling:
+        raise ConfigError("prefills are for greedy decoding (temperature 0)")
+      out = self._generate(params, list(records), prefills=list(prefills))
+      return [f"{p} {r}".strip() if p else r for p, r in zip(prefills, out, strict=True)]
     if not self.config.sampling:
       return self._generate(params, list(records))
     return [c[0] for c in self.candidates(params, records, num_candidates=1, seed=seed)]
@@ -79,13 +87,18 @@ class Generator:
     flat = self._generate(params, rows, ids.reshape(-1, 2), seed)
     return [flat[i * num_candidates:(i + 1) * num_candidates] for i in range(len(records))]
 
-  def _generate(self, params, rows: list, ids: np.ndarray | None = None, seed: int = 0) -> list[str]:
+  def _generate(self, params, rows: list, ids: np.ndarray | None = None, seed: int = 0,
+                prefills: list[str] | None = None) -> list[str]:
     responses: list[str] = []
     for start in range(0, len(rows), self.batch_size):
       chunk = rows[start:start + self.batch_size]
       n = len(chunk)
       chunk += [chunk[-1]] * (self.batch_size - n)
-      prompts = preprocess.generation_prompts(chunk, self.tok, self.setup.fmt, self.prompt_len)
+      opening = None
+      if prefills is not None:
+        opening = prefills[start:start + n]
+        opening += [opening[-1]] * (self.batch_size - n)
+      prompts = preprocess.generation_prompts(chunk, self.tok, self.setup.fmt, self.prompt_len, prefills=opening)
       with jax.set_mesh(self.setup.mesh):
         if ids is None:
           out = self._fn(params, to_global(prompts, self.setup.mesh))
@@ -99,7 +112,11 @@ class Generator:
     return responses
 
 
-def prompt_length(records: Sequence[Mapping[str, Any]], tok, fmt, *, multiple: int = 8) -> int:
-  """The longest prompt among `records`, rounded up (one decoder shape for every split)."""
-  longest = max(len(preprocess.prompt_ids(r["question"], tok, fmt)) for r in records)
+def prompt_length(records: Sequence[Mapping[str, Any]], tok, fmt, *, multiple: int = 8,
+                  prefills: Sequence[str] | None = None) -> int:
+  """The longest prompt among `records` (with its forced opening, `prefills`), rounded up (one decoder shape
+  for every split)."""
+  prefills = [""] * len(records) if prefills is None else prefills
+  longest = max(len(preprocess.prompt_with_prefill(r["question"], p, tok, fmt))
+                for r, p in zip(records, prefills, strict=True))
   return -(-longest // multiple) * multiple

@@ -121,9 +121,12 @@ class SafetyEvaluator:
   """Generation + judging on every test split present in the dataset; built once, reused across models of
   the same architecture (the demo evaluates seven models with one compiled decoder).
 
-  `max_batches` (None: every record) caps generation per split at that many batches of `eval.gen_batch_size`."""
+  `max_batches` (None: every record) caps generation per split at that many batches of `eval.gen_batch_size`;
+  `shots` keeps the first `shots` rewrites of each attacked query (the K-shot ASR is then defined up to
+  K = `shots`); `prefill(record) -> str` forces the opening of every answer (`Generator`'s `prefills`)."""
 
-  def __init__(self, setup: runtime.Setup, config: ml_collections.ConfigDict, *, max_batches: int | None = None):
+  def __init__(self, setup: runtime.Setup, config: ml_collections.ConfigDict, *, max_batches: int | None = None,
+               shots: int | None = None, prefill=None):
     available = set(setup.data.dataset.splits())
     self.split_set = split_set(config)
     prefix = DEV_PREFIX if self.split_set == "dev" else ""
@@ -134,14 +137,19 @@ class SafetyEvaluator:
                         "(the synthetic world builds dev twins of its test splits; this dataset has none)")
     # Keyed by the test split's name (the metrics' role), read from the dev twin on dev.
     self.records = {s: generation.load_records(setup.data.dataset.source(prefix + s)) for s in splits}
+    if shots is not None:
+      self.records = {s: [r for r in recs if judges.split_kind(s) != "attacked" or int(r["shot"]) < shots]
+                      for s, recs in self.records.items()}
+    self.prefill = prefill
     self.k_attack = config.eval.k_attack
     self.judge = make_judge(setup, config)
     self.keyword = judges.ChainJudge(judges.RefusalJudge(config.eval.refusal_preset))
     self.generate = None
     self.capped: dict[str, list[int]] = {}
     if self.records:
-      prompt_len = generation.prompt_length([r for rs in self.records.values() for r in rs],
-                                            setup.data.tokenizer, setup.fmt)
+      every = [r for rs in self.records.values() for r in rs]
+      prompt_len = generation.prompt_length(every, setup.data.tokenizer, setup.fmt,
+                                            prefills=None if prefill is None else [prefill(r) for r in every])
       self.generate = generation.Generator(setup, batch_size=config.eval.gen_batch_size,
                                            max_new_tokens=config.eval.max_new_tokens, prompt_len=prompt_len)
       if max_batches:
@@ -157,21 +165,33 @@ class SafetyEvaluator:
       self.records[split] = kept
 
   def __call__(self, params, *, responses_path: pathlib.Path | None = None) -> dict:
+    return self.judge_responses(self.responses(params), responses_path=responses_path)
+
+  def responses(self, params) -> dict[str, tuple[list, list[str]]]:
+    """{split: (records, responses)}: the generation half of `__call__`."""
     generated = {}
     for split, recs in self.records.items():
       t = time.time()
-      generated[split] = (recs, self.generate(params, recs))
+      generated[split] = (recs, self.generate(params, recs) if self.prefill is None else
+                          self.generate(params, recs, prefills=[self.prefill(r) for r in recs]))
       log.info("eval %s: %d responses in %.1fs", split, len(recs), time.time() - t)
+    return generated
+
+  def judge_responses(self, generated: Mapping[str, tuple[list, list[str]]], *, judge: judges.Judge | None = None,
+                      responses_path: pathlib.Path | None = None) -> dict:
+    """The metrics of `responses(...)`'s output, judged by `judge` (default: the configured one), so one
+    generation can be judged twice."""
     if not generated:
       return {}
     t = time.time()
-    chosen = judges.judge_splits(self.judge, generated)
+    judge = judge or self.judge
+    chosen = judges.judge_splits(judge, generated)
     keyword = {s: [j.verdict for j in js] for s, js in self.keyword.judge_splits(generated).items()}
-    log.info("eval: judged with %r in %.1fs", getattr(self.judge, "name", "rule"), time.time() - t)
+    log.info("eval: judged with %r in %.1fs", getattr(judge, "name", "rule"), time.time() - t)
     judged = {s: (recs, resps, [j.verdict for j in chosen[s]]) for s, (recs, resps) in generated.items()}
     if responses_path is not None and jax.process_index() == 0:
       responses_path.write_text("".join(json.dumps(row) + "\n" for row in self._rows(generated, chosen, keyword)))
-    info = judges.describe(self.judge)
+    info = judges.describe(judge)
     info["unjudged_reasons"] = {s: dict(collections.Counter(j.reason for j in js
                                                             if j.verdict == judges.Verdict.UNJUDGED))
                                 for s, js in chosen.items()}

@@ -27,6 +27,12 @@ from mirage_jax.models.vit import VisionTower
 
 Array = jax.Array
 
+# Every parameter that writes into the decoder's residual stream (its last axis is the stream's width): the
+# token embedding, the projected image features, each block's attention output and MLP down projection. A
+# direction projected out of all of them is never written (`mirage_jax.eval.robustness.ablate_direction`).
+RESIDUAL_WRITERS = ("decoder/embed", "projector/linear_2/(kernel|bias)", "decoder/layers/attn/o/kernel",
+                    "decoder/layers/mlp/down/kernel")
+
 
 @dataclasses.dataclass
 class VLMOutput:

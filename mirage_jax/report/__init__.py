@@ -50,6 +50,9 @@ def _mean_std(values: Sequence[Any]) -> tuple[Any, Any]:
   if isinstance(first, Mapping):
     pairs = {k: _mean_std([v[k] for v in values]) for k in first}
     return {k: m for k, (m, _) in pairs.items()}, {k: s for k, (_, s) in pairs.items()}
+  if isinstance(first, list):  # element-wise (a curve, a value per layer)
+    pairs = [_mean_std([v[i] for v in values]) for i in range(len(first))]
+    return [m for m, _ in pairs], [s for _, s in pairs]
   arr = np.asarray(values, np.float64)
   return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
@@ -77,6 +80,8 @@ def _seed_ci(values: Sequence[Any], *, resamples: int = 1000) -> Any:
   """Recursive [lo, hi] of the mean over runs, resampling runs with replacement (NaNs left out)."""
   if isinstance(values[0], Mapping):
     return {k: _seed_ci([v[k] for v in values], resamples=resamples) for k in values[0]}
+  if isinstance(values[0], list):
+    return [_seed_ci([v[i] for v in values], resamples=resamples) for i in range(len(values[0]))]
   x = np.asarray(values, np.float64)
   x = x[~np.isnan(x)]
   if x.size == 0:
@@ -100,6 +105,11 @@ def fmt(x: float, std: float | None = None) -> str:
   return f"{x:.1f}" + (f" ± {std:.1f}" if std else "")
 
 
+def value(entry: Mapping, *path: str) -> float:
+  """The number at `path` in a model entry (NaN where absent)."""
+  return _v(entry, *path)[0]
+
+
 def _v(entry: Mapping, *path: str) -> tuple[float, float | None]:
   node = entry
   for p in path[:-1]:
@@ -117,11 +127,13 @@ def table1(models: Mapping[str, Mapping], *, k: int = 3) -> str:
   return "\n".join(rows)
 
 
-def _ci(m: Mapping, *path: str) -> str:
+def _ci(m: Mapping, *path: str, scale: float = 1) -> str:
   node = m.get("ci95", {})
   for p in path:
     node = node.get(p, {}) if isinstance(node, Mapping) else {}
-  return f" [{node[0]:.1f}, {node[1]:.1f}]" if isinstance(node, list) and not math.isnan(node[0]) else ""
+  if not (isinstance(node, list) and len(node) == 2 and isinstance(node[0], float) and not math.isnan(node[0])):
+    return ""
+  return f" [{node[0] * scale:.1f}, {node[1] * scale:.1f}]"
 
 
 GRID_COLUMNS = (("ASR original", ("asr", "original")), ("ASR attacked K=3", ("asr", "what_k", "3")),
@@ -145,6 +157,58 @@ def _model_table(models: Mapping[str, Mapping], columns, cell) -> str:
 def interval_table(models: Mapping[str, Mapping]) -> str:
   """Means over every run with the over-runs bootstrap interval (`SEED_BOOTSTRAP`)."""
   return _model_table(models, GRID_COLUMNS, lambda m, path: fmt(_v(m, *path)[0]) + _ci(m, *path))
+
+
+def robustness_columns(*, k: int = 3) -> tuple:
+  """`mirage robustness`'s main table: (header, path in a model's entry, path shown in parentheses or None,
+  scale to percent); a path to an {original, attacked} pair shows both."""
+  return (("ASR original (asked)", ("asr_original",), ("asr_original_asked",), 1),
+          (f"ASR attacked K={k} (asked)", ("asr_attacked",), ("asr_attacked_asked",), 1),
+          ("prefill \"format\" (asked)", ("prefill_asr", "format"), ("prefill_asr", "format_asked"), 1),
+          ("prefill \"comply\" (asked)", ("prefill_asr", "comply"), ("prefill_asr", "comply_asked"), 1),
+          ("code probe, base-fit (chance)", ("probe", "best_accuracy"), ("probe", "chance"), 100),
+          ("code probe, own", ("probe", "own", "code", "best_accuracy"), None, 100),
+          ("code probe, random-init control", ("probe", "control", "code"), None, 100),
+          ("harmful probe, base-fit (control)", ("probe", "harmful", "best_accuracy"), ("probe", "control", "harmful"),
+           100),
+          ("refusal dir. ablated: orig / att (asked)", ("refusal_direction",), None, 1))
+
+
+def robustness_table(models: Mapping[str, Mapping], *, k: int = 3) -> str:
+  """Means over runs, in brackets the `SEED_BOOTSTRAP` interval when there is more than one run; probe
+  accuracies in percent."""
+  columns = [(h, (path, aside, scale)) for h, path, aside, scale in robustness_columns(k=k)]
+  return _model_table(models, columns, lambda m, spec: _robust_cell(m, *spec))
+
+
+def relearn_table(models: Mapping[str, Mapping], steps: Sequence[int], sets: Sequence[str]) -> str:
+  """ASR original / attacked after each number of relearning steps on each set (in parentheses: asked)."""
+  columns = [(f"{name} {s}", (("relearn", name, str(s)), None, 1)) for name in sets for s in steps]
+  return _model_table(models, columns, lambda m, spec: _robust_cell(m, *spec))
+
+
+def _robust_cell(m: Mapping, path: Sequence[str], aside: Sequence[str] | None, scale: float) -> str:
+  node = m
+  for p in path:
+    node = node.get(p, {}) if isinstance(node, Mapping) else {}
+  if isinstance(node, Mapping) and "original" in node:  # an (original, attacked) pair, and its asked twin
+    text = f"{_one(m, (*path, 'original'), scale)} / {_one(m, (*path, 'attacked'), scale)}"
+    if "original_asked" in node:
+      text += f" ({_one(m, (*path, 'original_asked'), scale)} / {_one(m, (*path, 'attacked_asked'), scale)})"
+    return text
+  text = _one(m, path, scale)
+  if aside and not _missing(_v(m, *aside)[0]):
+    text += f" ({fmt(_v(m, *aside)[0] * scale)})"
+  return text
+
+
+def _one(m: Mapping, path: Sequence[str], scale: float) -> str:
+  value = _v(m, *path)[0]
+  return "—" if _missing(value) else fmt(value * scale) + _ci(m, *path, scale=scale)
+
+
+def _missing(value) -> bool:
+  return value is None or isinstance(value, Mapping) or (isinstance(value, float) and math.isnan(value))
 
 
 def per_run_table(per_seed: Sequence[Mapping]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
@@ -66,6 +67,8 @@ def write(workdir: pathlib.Path, rep: dict, *, checks: Sequence, loss_rows: Mapp
   plots.attack_bars(models, workdir / "attack_asr_rr.png")
   plots.kshot_curve(models, workdir / "kshot_curve.png")
   plots.loss_curves({k: v for k, v in loss_rows.items() if k != "base"}, workdir / "loss_curves.png")
+  if rep.get("trajectory"):
+    plots.step_curves(trajectory_curves(rep["trajectory"]), workdir / "trajectory.png", xlabel="post-hoc SFT steps")
   sft_table = synthetic.format_first_word_table(synthetic.first_word_table(load_records(dataset.source("sft"))))
   seeds = len(rep["seeds"])
   worlds = len(rep.get("world_seeds", [0]))
@@ -106,7 +109,7 @@ refusing "Share" questions by answering them with noise has a low RR *and* a low
 
 ![K-shot](kshot_curve.png)
 
-{_grid(rep)}## Targets of the experiment issue
+{_grid(rep)}{trajectory_md(rep.get("trajectory"))}## Targets of the experiment issue
 
 {_checks_md(checks)}
 
@@ -135,9 +138,36 @@ distance to the nearest forget image is {dist['test_to_nearest_forget_rms']:.1f}
 ```json
 {json.dumps(world, indent=1, sort_keys=True)}
 ```
-"""
+""" + ("\n" + robustness_section(rep["robustness"], at=workdir) if rep.get("robustness") else "")
   (workdir / "report.md").write_text(text)
   (workdir / "report.json").write_text(json.dumps(rep, indent=1, sort_keys=True, default=float))
+
+
+TRAJECTORY_COLUMNS = (("ASR original", ("asr", "original")), ("ASR attacked K=3", ("asr", "what_k", "3")),
+                      ("RR safe", ("rr", "safe")), ("RR \"Share\"", ("rr", "share")),
+                      ("utility \"Share\"", ("utility_share",)), ("utility", ("utility",)))
+
+
+def trajectory_md(traj: Mapping | None) -> str:
+  """The SFT trajectory's section (`mirage_jax.commands.trajectory`); "" when the demo ran none."""
+  if not traj:
+    return ""
+  rows = ["| SFT step | " + " | ".join(h for h, _ in TRAJECTORY_COLUMNS) + " |",
+          "|---:|" + "---:|" * len(TRAJECTORY_COLUMNS)]
+  for step, m in traj["points"].items():
+    rows.append(f"| {step} | " + " | ".join(report_lib.fmt(report_lib.value(m, *path))
+                                           for _, path in TRAJECTORY_COLUMNS) + " |")
+  return (f"## SFT trajectory: where the mirage appears\n\nOne post-hoc SFT run of {traj['steps'][-1]} steps "
+          f"from the base (learning rate {traj['lr']:g}, constant after {traj['warmup_steps']} warm-up steps), "
+          f"each checkpoint evaluated on the test splits; step 0 is the base ({traj['wall_s']:.0f} s).\n\n"
+          + "\n".join(rows) + "\n\n![trajectory](trajectory.png)\n\n")
+
+
+def trajectory_curves(traj: Mapping) -> dict[str, tuple[list[int], list[float]]]:
+  """{column: (steps, values)} of the SFT trajectory, for `plots.step_curves`."""
+  steps = [int(s) for s in traj["points"]]
+  return {h: (steps, [report_lib.value(m, *path) for m in traj["points"].values()])
+          for h, path in TRAJECTORY_COLUMNS}
 
 
 def _verdict(missed: Sequence, checks: Sequence) -> str:
@@ -171,3 +201,95 @@ def _ablation_md(rows: Mapping | None) -> str:
         f"{report_lib.fmt(ph['rr']['safe'])} → {report_lib.fmt(ph['rr']['share'])} | "
         f"{report_lib.fmt(ph['utility'])} | {cell(m.get('npo'), k)} | {cell(m.get('rmu'), k)} |")
   return "\n".join(out) + "\n"
+
+
+ROBUSTNESS_HEADING = "## Robustness: is the harmful knowledge gone or only hidden?"
+
+
+def robustness_section(result: Mapping, *, at: pathlib.Path | None = None) -> str:
+  """`mirage robustness`'s section: the table (`report.robustness_table`), what each column means, the probe
+  accuracy by layer and the relearning plots (linked relative to `at`, the markdown file's folder; default:
+  the result's own `out` folder)."""
+  out = pathlib.Path(result.get("out", "."))
+  link = lambda name: os.path.relpath(out / f"relearn_{name}.png", at or out)  # noqa: E731
+  runs, steps, k = len(result["per_seed"]), result["relearn_steps"], result.get("k_attack") or 3
+  spread = (f"Mean over {runs} runs, in brackets the {report_lib.SEED_BOOTSTRAP}." if runs > 1 else
+            "One run (one world seed x training seed): no interval over runs.")
+  layers = ["| model | code probe accuracy by layer, base-fit (%) | own (%) |", "|---|---|---|"]
+  for name, m in result["models"].items():
+    probe = m.get("probe", {})
+    by = lambda xs: " · ".join(report_lib.fmt(x * 100) for x in xs) if xs else "—"  # noqa: E731
+    layers.append(f"| {report_lib.LABELS.get(name, name)} | {by(probe.get('by_layer'))} | "
+                  f"{by(probe.get('own', {}).get('code', {}).get('by_layer'))} |")
+  return f"""{ROBUSTNESS_HEADING}
+
+`mirage robustness` ({result['wall_s']:.0f} s). ASR in percent on the held-out test hazards (original queries
+and K = {k} "What" rewrites); in parentheses "asked": judged with `harm_match=asked` (only the codes of the
+procedure the query asks for count, not those of any hazard: the knowledge, not the format). {spread}
+
+* **prefill**: greedy decoding after a forced opening of the answer: "format" = the opening of a harmful
+  answer in the training data's format, "comply" = "sure ,"; ASR of the original queries.
+* **relearn**: ASR (original / attacked) after {', '.join(map(str, steps))} full fine-tuning steps on a
+  small slice of forget data of the *train* hazards ("forget") or on benign questions about those hazards'
+  images that never show a procedure ("benign"); the test hazards were never in either.
+* **probes**: linear probes on each decoder layer's residual stream, scored on half of the `probe` split:
+  "code" reads which procedure code comes next (fit on the base's states and applied to the model, or fit
+  on the model's own), "harmful" whether the query asks for a hazard's procedure; best layer, percent.
+  The control is the same probe fit on a randomly initialised model: what the input alone gives away (the
+  token before a code and the image say a lot), the floor to read a trained model's accuracy against.
+* **refusal dir. ablated** (SFT models): the refused-minus-answered mean direction of the `sft` split,
+  projected out of every weight that writes the residual stream; the layer chosen on the dev split.
+
+{report_lib.robustness_table(result['models'], k=k)}
+
+Relearning: ASR original / attacked after that many steps on each set (in parentheses: judged with
+`harm_match=asked`, only the asked hazard's own codes counting; the plain judge counts any hazard's).
+
+{report_lib.relearn_table(result['models'], steps, RELEARN_PLOTS)}
+
+{chr(10).join(layers)}
+
+{" ".join(f"![relearning on {n} data]({link(n)})" for n in RELEARN_PLOTS if relearn_curves(result, n))}
+"""
+
+
+def relearn_curves(result: Mapping, name: str) -> dict[str, tuple[list[int], list[float]]]:
+  """{model: (steps, original ASR)} of one relearning set, step 0 being the model before relearning."""
+  out = {}
+  for model, m in result["models"].items():
+    curve = m.get("relearn", {}).get(name, {})
+    if any(str(s) in curve for s in result["relearn_steps"]):
+      steps = [0, *result["relearn_steps"]]
+      out[report_lib.LABELS.get(model, model)] = (steps, [m.get("asr_original", math.nan), *[
+          report_lib.value(curve, str(s), "original") for s in result["relearn_steps"]]])
+  return out
+
+
+def write_robustness(out_dir: pathlib.Path, result: Mapping) -> list[pathlib.Path]:
+  """`robustness.json`, `robustness.md` and one relearning plot per set (`relearn_<set>.png`) in `out_dir`."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "robustness.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=float))
+  (out_dir / "robustness.md").write_text(robustness_section(result))
+  plots_written = []
+  for name in RELEARN_PLOTS:
+    curves = relearn_curves(result, name)
+    if curves:
+      path = out_dir / f"relearn_{name}.png"
+      plots.step_curves(curves, path, xlabel=f"relearning steps on {name} data (ASR of the original queries, %)")
+      plots_written.append(path)
+  return plots_written
+
+
+RELEARN_PLOTS = ("forget", "benign")
+
+
+def add_robustness(workdir: pathlib.Path, result: Mapping) -> None:
+  """A demo workdir's report.json gains `robustness`, its report.md the section (replacing an earlier one)."""
+  rep_path, md_path = workdir / "report.json", workdir / "report.md"
+  rep = json.loads(rep_path.read_text())
+  rep["robustness"] = result
+  rep_path.write_text(json.dumps(rep, indent=1, sort_keys=True, default=float))
+  text = md_path.read_text() if md_path.is_file() else ""
+  head, found, tail = text.partition(ROBUSTNESS_HEADING)
+  rest = tail[tail.find("\n## "):] if found and "\n## " in tail else ""
+  md_path.write_text(head.rstrip("\n") + "\n\n" + robustness_section(result, at=workdir) + rest)

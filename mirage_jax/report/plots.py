@@ -93,3 +93,18 @@ def size_curves(curves: Mapping[str, Sequence[tuple]], path: pathlib.Path) -> No
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def step_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: pathlib.Path, *,
+                xlabel: str) -> None:
+  """Percent metrics against training steps, one line each (the SFT trajectory)."""
+  fig, ax = plt.subplots(figsize=(6.5, 3.8))
+  for name, (steps, values) in curves.items():
+    ax.plot(steps, values, marker="o", label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("%")
+  ax.set_ylim(-2, 102)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
