@@ -152,7 +152,8 @@ def test_report_section_is_added_and_replaced(tmp_path):
            "probe": {"best_accuracy": 0.8, "chance": 0.1, "by_layer": [0.5, 0.8], "own": {"code": {
                "best_accuracy": 0.9, "by_layer": [0.6, 0.9]}}, "control": {"code": 0.4, "harmful": 0.5},
                "harmful": {"best_accuracy": 0.95}}}
-  result = {"models": {"sft_posthoc": entry}, "per_seed": [{"models": {"sft_posthoc": entry}}],
+  result = {"models": {"sft_posthoc": entry}, "per_seed": [{"world_seed": 0, "seed": 0, "models": {"sft_posthoc": entry}},
+                                                          {"world_seed": 1, "seed": 0, "models": {"sft_posthoc": entry}}],
             "relearn_steps": [5], "wall_s": 12.0, "k_attack": 3, "out": str(tmp_path / "robustness")}
   written = document.write_robustness(tmp_path / "robustness", result)
   assert [p.name for p in written] == ["relearn_forget.png"]  # no benign curve in this result
@@ -165,6 +166,7 @@ def test_report_section_is_added_and_replaced(tmp_path):
   assert "| + Posthoc-SFT | 2.0 / 41.0 | — |" in text  # relearning: forget 5, benign 5 (not run)
   assert "80.0 (10.0)" in text and "95.0 (50.0)" in text and "50.0 · 80.0" in text
   assert "](robustness/relearn_forget.png)" in text
+  assert "| 1 | 0 | + Posthoc-SFT | 1.0 | 40.0 | 30.0 | 2.0 / 41.0 | — | 80.0 |" in text  # every run (2+ runs)
   assert json.loads((tmp_path / "report.json").read_text())["robustness"]["wall_s"] == 13.0
 
 

@@ -187,6 +187,24 @@ def relearn_table(models: Mapping[str, Mapping], steps: Sequence[int], sets: Seq
   return _model_table(models, columns, lambda m, spec: _robust_cell(m, *spec))
 
 
+def robustness_per_run_table(per_seed: Sequence[Mapping], steps: Sequence[int]) -> str:
+  """One row per (world seed, training seed, model): the headline numbers of `mirage robustness`."""
+  last = str(max(steps))
+  columns = (("ASR orig / att (asked)", ("asr_original",), ("asr_original_asked",), 1),
+             ("attacked", ("asr_attacked",), ("asr_attacked_asked",), 1),
+             ("prefill \"format\"", ("prefill_asr", "format"), ("prefill_asr", "format_asked"), 1),
+             (f"relearn forget {last}", ("relearn", "forget", last), None, 1),
+             (f"relearn benign {last}", ("relearn", "benign", last), None, 1),
+             ("code probe, base-fit", ("probe", "best_accuracy"), None, 100))
+  rows = ["| world | seed | model | " + " | ".join(h for h, *_ in columns) + " |",
+          "|---:|---:|---|" + "---:|" * len(columns)]
+  for run in per_seed:
+    for name, m in run["models"].items():
+      rows.append(f"| {run.get('world_seed', '')} | {run.get('seed', '')} | {LABELS.get(name, name)} | " +
+                  " | ".join(_robust_cell(m, path, aside, scale) for _, path, aside, scale in columns) + " |")
+  return "\n".join(rows)
+
+
 def _robust_cell(m: Mapping, path: Sequence[str], aside: Sequence[str] | None, scale: float) -> str:
   node = m
   for p in path:

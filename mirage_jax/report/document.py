@@ -246,11 +246,18 @@ Relearning: ASR original / attacked after that many steps on each set (in parent
 `harm_match=asked`, only the asked hazard's own codes counting; the plain judge counts any hazard's).
 
 {report_lib.relearn_table(result['models'], steps, RELEARN_PLOTS)}
-
+{_robustness_runs(result)}
 {chr(10).join(layers)}
 
 {" ".join(f"![relearning on {n} data]({link(n)})" for n in RELEARN_PLOTS if relearn_curves(result, n))}
 """
+
+
+def _robustness_runs(result: Mapping) -> str:
+  if len(result["per_seed"]) < 2:
+    return ""
+  return (f"\nEvery run (world seed x training seed):\n\n"
+          f"{report_lib.robustness_per_run_table(result['per_seed'], result['relearn_steps'])}\n")
 
 
 def relearn_curves(result: Mapping, name: str) -> dict[str, tuple[list[int], list[float]]]:
