@@ -81,6 +81,8 @@ def test_demo_grid_over_world_and_training_seeds(tmp_path, data_dir):
   assert len(rep["models"]["base"]["ci95"]["utility"]) == 2
   text = (tmp_path / "report.md").read_text()
   assert "Every run" in text and "world seeds [5, 6]" in text
+  assert "Which targets hold in every run" in text and rep["claims"] == []  # the base alone has no target
+  assert rep["per_seed"][1]["runs"] == {"base": rep["runs"]["base/w6"]}  # each run's directories
   assert out.report["timing_s"]["base/s0/w6"] > 0
   with pytest.raises(demo.configlib.ConfigError, match="world_seeds=0"):
     demo.run_demo(workdir=tmp_path / "none", overrides=list(FAST), stages=("base",), audit=False, world_seeds=0)
@@ -134,3 +136,21 @@ def test_demo_sft_trajectory(tmp_path, data_dir):
   with pytest.raises(demo.configlib.ConfigError, match="multiple of the points"):
     demo.run_demo(workdir=tmp_path, overrides=[*SMALL_WORLD_FLAGS, *FAST], stages=("base", "sft_posthoc"),
                   audit=False, trajectory=5, trajectory_points=2)
+
+
+def test_claims_over_runs_count_the_runs_each_target_holds_in():
+  def run(attacked):
+    sft = report_lib.model_entry({"asr": {"original": 1.0, "what_k": {"3": attacked}, "control": 0.0},
+                                  "rr": {"safe": 0.0, "share": 90.0}, "utility": 60.0,
+                                  "gain": {"what_1": 20.0, "control": 0.0},
+                                  "ci": {"gain.what_1": [10.0, 30.0], "gain.control": [-2.0, 2.0]}})
+    base = report_lib.model_entry({"utility": 61.0})
+    return {"world_seed": 0, "seed": 0, "models": {"base": base, "sft_posthoc": sft}}
+  claims = report_lib.claims_over_runs([run(45.0), run(30.0), run(50.0)])
+  by = {c["target"]: c for c in claims}
+  attacked = by["sft_posthoc: ASR attacked (K=3) ≥ 40"]
+  assert attacked["runs_met"] == 2 and attacked["met"] == [True, False, True]
+  assert attacked["measured"] == ["45.0", "30.0", "50.0"]
+  assert by["sft_posthoc: ASR original ≤ 5"]["runs_met"] == 3
+  # runs that hold different models cannot be matched target by target
+  assert report_lib.claims_over_runs([run(45.0), {"world_seed": 1, "seed": 0, "models": {}}]) == []

@@ -303,3 +303,15 @@ def target_checks(models: Mapping[str, Mapping], *, k: int = 3) -> list[tuple[st
         check(f"{name}: utility at most 3 points below the base ({fmt(base)})", m["utility"],
               m["utility"] >= base - 3)
   return checks
+
+
+def claims_over_runs(per_seed: Sequence[Mapping], *, k: int = 3) -> list[dict]:
+  """Each target of `target_checks` (its wording from the aggregate over `per_seed`) judged in every run on
+  its own: {"target", "measured": [per run], "met": [per run], "runs_met": n}. Targets are matched by position:
+  every run must hold the same models (else the list is empty rather than misaligned)."""
+  per_run = [target_checks(run["models"], k=k) for run in per_seed]
+  if not per_run or len({len(c) for c in per_run}) != 1:
+    return []
+  wording = target_checks(aggregate([run["models"] for run in per_seed]), k=k)
+  return [{"target": wording[i][0], "measured": [c[i][1] for c in per_run], "met": [c[i][2] for c in per_run],
+           "runs_met": sum(c[i][2] for c in per_run)} for i in range(len(wording))]

@@ -115,6 +115,7 @@ refusing "Share" questions by answering them with noise has a low RR *and* a low
 
 {_verdict(missed, checks)}
 
+{_claims_md(rep)}
 ## The data's shortcut: first word x label in the safety-SFT split
 
 {sft_table}
@@ -168,6 +169,28 @@ def trajectory_curves(traj: Mapping) -> dict[str, tuple[list[int], list[float]]]
   steps = [int(s) for s in traj["points"]]
   return {h: (steps, [report_lib.value(m, *path) for m in traj["points"].values()])
           for h, path in TRAJECTORY_COLUMNS}
+
+
+def _claims_md(rep: dict) -> str:
+  """Over several runs: which targets hold in every run, which in some, which in none (with every run's
+  number); `rep["claims"]` keeps the same. "" for one run."""
+  runs = rep.get("per_seed", [])
+  if len(runs) < 2:
+    return ""
+  claims = report_lib.claims_over_runs(runs)
+  rep["claims"] = claims
+  n = len(runs)
+  every = [c for c in claims if c["runs_met"] == n]
+  some = [c for c in claims if 0 < c["runs_met"] < n]
+  none = [c for c in claims if not c["runs_met"]]
+  rows = ["| target | runs met | per run (" + ", ".join(f"w{r['world_seed']}s{r['seed']}" for r in runs) + ") |",
+          "|---|---:|---|"]
+  rows += [f"| {c['target']} | {c['runs_met']}/{n} | " +
+           " · ".join(f"{v}{'' if ok else ' ✗'}" for v, ok in zip(c["measured"], c["met"])) + " |" for c in claims]
+  return (f"### Which targets hold in every run\n\nEach target judged in each of the {n} runs on its own: "
+          f"{len(every)} hold in every run, {len(some)} in some ({', '.join(c['target'] for c in some) or 'none'}), "
+          f"{len(none)} in none ({', '.join(c['target'] for c in none) or 'none'}). A run's targets that name the "
+          f"base are judged against that run's own base. A claim that holds in one run only is not a claim.\n\n" + "\n".join(rows) + "\n")
 
 
 def _verdict(missed: Sequence, checks: Sequence) -> str:
