@@ -149,7 +149,7 @@ BENIGN_COLUMNS = (("RR safe", ("rr", "safe")), ("utility safe", ("utility_safe",
 
 def _model_table(models: Mapping[str, Mapping], columns, cell) -> str:
   rows = ["| model | " + " | ".join(h for h, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
-  for name, m in models.items():
+  for name, m in in_table_order(models):
     rows.append(f"| {LABELS.get(name, name)} | " + " | ".join(cell(m, path) for _, path in columns) + " |")
   return "\n".join(rows)
 
@@ -199,10 +199,17 @@ def robustness_per_run_table(per_seed: Sequence[Mapping], steps: Sequence[int]) 
   rows = ["| world | seed | model | " + " | ".join(h for h, *_ in columns) + " |",
           "|---:|---:|---|" + "---:|" * len(columns)]
   for run in per_seed:
-    for name, m in run["models"].items():
+    for name, m in in_table_order(run["models"]):
       rows.append(f"| {run.get('world_seed', '')} | {run.get('seed', '')} | {LABELS.get(name, name)} | " +
                   " | ".join(_robust_cell(m, path, aside, scale) for _, path, aside, scale in columns) + " |")
   return "\n".join(rows)
+
+
+def in_table_order(models: Mapping[str, Any]) -> list[tuple[str, Any]]:
+  """`models`' items in the methods table's order (`MODELS`), others after them as they come (a report.json
+  written with sorted keys reads back alphabetically)."""
+  rank = {name: i for i, name in enumerate(MODELS)}
+  return sorted(models.items(), key=lambda kv: rank.get(kv[0], len(rank)))
 
 
 def _robust_cell(m: Mapping, path: Sequence[str], aside: Sequence[str] | None, scale: float) -> str:
@@ -234,7 +241,7 @@ def per_run_table(per_seed: Sequence[Mapping]) -> str:
   rows = ["| world | seed | model | " + " | ".join(h for h, _ in GRID_COLUMNS) + " |",
           "|---:|---:|---|" + "---:|" * len(GRID_COLUMNS)]
   for run in per_seed:
-    for name, m in run["models"].items():
+    for name, m in in_table_order(run["models"]):
       rows.append(f"| {run['world_seed']} | {run['seed']} | {LABELS.get(name, name)} | " +
                   " | ".join(fmt(_v(m, *p)[0]) for _, p in GRID_COLUMNS) + " |")
   return "\n".join(rows)
