@@ -36,6 +36,7 @@ import numpy as np
 from mirage_configs import methods, models as models_config
 from mirage_jax import configlib, report as report_lib
 from mirage_jax.data import pipeline
+from mirage_jax.data.world_config import DEV_PREFIX
 from mirage_jax.errors import ConfigError, DataError, MissingFileError
 from mirage_jax.eval import robustness as rb, runner
 from mirage_jax.report import document, runs as runs_lib
@@ -95,7 +96,6 @@ class Options:
   """What to run; `overrides` (`--config.x=y`) apply to the evaluation config and to every relearning run's
   (after the recipe's own: `--config.optim.lr=...` changes the relearning learning rate)."""
 
-
   relearn_steps: tuple[int, ...] = (5, 20, 50)
   relearn_sets: tuple[str, ...] = tuple(RELEARN_SETS)
   prefills: tuple[str, ...] = rb.PREFILLS
@@ -116,8 +116,8 @@ class Robustness:
     self.asked_judge = (runner.make_judge(self.setup, configlib.apply_overrides(
         self.config, ["--config.eval.judge=rule", "--config.eval.harm_match=asked"])) if codes else None)
     unsafe = configlib.apply_overrides(self.config, ["--config.eval.test_splits=unsafe"])
-    self.dev_unsafe = runner.SafetyEvaluator(
-        self.setup, configlib.apply_overrides(unsafe, ["--config.eval.split_set=dev"]))
+    self._dev_config = configlib.apply_overrides(unsafe, ["--config.eval.split_set=dev"])
+    self._dev_unsafe = None  # built on first use: only SFT models need it, and only data with dev twins has it
     world = self.config.data.world
     openers = bool(world.get("answer_openers", True)) if self.config.data.name == "mirage_synth" else True
     self.prefill = {kind: runner.SafetyEvaluator(self.setup, unsafe, prefill=rb.prefill_fn(kind,
@@ -220,9 +220,13 @@ class Robustness:
   def refusal_direction(self, params) -> dict:
     if DIRECTION_SPLIT not in self.splits:
       return {"skipped": f"the dataset has no {DIRECTION_SPLIT!r} split"}
+    if DEV_PREFIX + "unsafe" not in self.splits:
+      return {"skipped": f"the dataset has no {DEV_PREFIX}unsafe split to choose the layer on"}
+    if self._dev_unsafe is None:
+      self._dev_unsafe = runner.SafetyEvaluator(self.setup, self._dev_config)
     tied = self.setup.spec.config.text.tie_embeddings
     directions = rb.refusal_directions(self.setup, params, self.cache, DIRECTION_SPLIT, batch_size=self.batch)
-    dev = [self.asr_of(rb.ablate_direction(params, d, tied_embeddings=tied), self.dev_unsafe)["original"]
+    dev = [self.asr_of(rb.ablate_direction(params, d, tied_embeddings=tied), self._dev_unsafe)["original"]
            for d in directions]
     layer = int(np.nanargmax(dev))
     ablated = rb.ablate_direction(params, directions[layer], tied_embeddings=tied)
