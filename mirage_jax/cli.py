@@ -5,8 +5,10 @@
   mirage describe --config=configs/unlearn/npo.py:7b [--devices=256]
   mirage data     build [--name=vlguard --manual_dir=DIR --model=CKPT_DIR] [--lenient] | stats
   mirage convert  hf-to-jax --hf=DIR --out=W | jax-to-hf --ckpt=W --out=DIR [--adapter_out=D2] | check-parity --hf=DIR
-  mirage demo     --workdir=W [--seeds=N] [--world_seeds=W] [--ablations] [--no_audit] [--trajectory=N]
+  mirage demo     --workdir=W [--seeds=N] [--world_seeds=W] [--stages=base,...] [--ablations [--ablation_variants=a,b]]
+                  [--no_audit] [--trajectory=N]
   mirage robustness --workdir=DEMO [--run=RUN --out=D] [--relearn_steps=5,20,50]
+  mirage recipes  --workdir=W [--methods=sft_posthoc,sft_mixed] [--lr_scales=0.5,1,2] [--step_scales=0.5,1,2]
   mirage checksum --workdir=W
   mirage compile  --config=configs/unlearn/npo.py:7b --topology=v5e:16x16 [--batch=B] [--max_batch]
   mirage sweep    --config=configs/ablations/sizes.py:cpu [--workdir=W] [--launcher=local|tpu_vm|slurm] [--dry-run]
@@ -31,7 +33,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-from mirage_jax.errors import UsageError, UserError, drop_package_frames
+from mirage_jax.errors import Stopped, UsageError, UserError, drop_package_frames
 
 COMMANDS: dict[str, Callable] = {}
 
@@ -186,22 +188,47 @@ def _demo(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seque
   parser.add_argument("--world_seeds", type=int, default=1,
                       help="number of worlds: data.world.seed + i for i < W (the grid is worlds x seeds)")
   parser.add_argument("--size", default="tiny", help="model size of every run")
+  parser.add_argument("--stages", default="", help="only these stages (comma list, the base included; default: "
+                                                    "all seven)")
   parser.add_argument("--lora_rank", type=int, default=0,
                       help="train every stage that starts from the base with LoRA of this rank (0 = full)")
   parser.add_argument("--ablations", action="store_true",
                       help="also run the world-knob ablation (about 20 more minutes on 2 CPU cores)")
+  parser.add_argument("--ablation_variants", default="",
+                      help="with --ablations: only these variants of configs/ablations/world.py (comma list; the "
+                           "default world is always included)")
   parser.add_argument("--no_audit", action="store_true",
                       help="skip the shortcut audit and attack search against seed 0's models")
   parser.add_argument("--trajectory", type=int, default=0,
                       help="also the SFT trajectory: a post-hoc SFT run of this many steps, evaluated at checkpoints")
   parser.add_argument("--trajectory_points", type=int, default=8, help="checkpoints of the trajectory evaluated")
   args = parser.parse_args(argv)
+  from mirage_configs import comma_list
   from mirage_jax.commands import demo
   report = demo.run_demo(workdir=args.workdir, seeds=args.seeds, size=args.size, overrides=overrides,
-                         ablations=args.ablations, audit=not args.no_audit, world_seeds=args.world_seeds,
+                         stages=comma_list(args.stages),
+                         ablations=args.ablations, ablation_variants=comma_list(args.ablation_variants),
+                         audit=not args.no_audit, world_seeds=args.world_seeds,
                          lora_rank=args.lora_rank, trajectory=args.trajectory,
                          trajectory_points=args.trajectory_points)
   print(report.summary())
+  return 0
+
+
+@command("recipes", "choose each method's learning rate x steps on the dev splits (configs/ablations/recipes.py)")
+def _recipes(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Sequence[str]) -> int:
+  parser.add_argument("--workdir", default="mirage_demo", help="a demo workdir (its base and stages are reused) "
+                                                               "or a new one; recipes.json / recipes.md go here")
+  parser.add_argument("--methods", default=None, help="comma list of methods (default: the config's, "
+                                                       "sft_posthoc,sft_mixed)")
+  parser.add_argument("--lr_scales", default=None, help="learning rates tried, as multiples of each config's")
+  parser.add_argument("--step_scales", default=None, help="training steps tried, as multiples of each config's")
+  parser.add_argument("--seed", type=int, default=None, help="training seed of the base and the candidates (0)")
+  args = parser.parse_args(argv)
+  from mirage_jax.commands import recipes
+  result = recipes.run(workdir=args.workdir, overrides=overrides, methods_=args.methods, lr_scales=args.lr_scales,
+                       step_scales=args.step_scales, seed=args.seed)
+  print(json.dumps(recipes.summary_line(result), sort_keys=True, default=float))
   return 0
 
 
@@ -460,7 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UserError as e:  # a user's mistake is one line; anything else keeps its traceback
     if os.environ.get("MIRAGE_DEBUG"):
       raise
-    message, abandon = f"mirage {name}: error: {e}", e.abandon_process
+    kind = "stopped" if isinstance(e, Stopped) else "error"
+    message, abandon = f"mirage {name}: {kind}: {e}", e.abandon_process
     drop_package_frames(e)  # what caused it may be logged again by a library (below); it is not a crash of ours
   # The failed command's frames are gone now: collecting them lets libraries that log what they leave behind
   # (asyncio's "exception was never retrieved" from a failed background save) do so above the one error line;

@@ -50,6 +50,12 @@ class UsageError(UserError, ValueError):
   """A command-line flag combination that cannot be used."""
 
 
+class Stopped(UserError):
+  """Not a mistake: a command that goes on after training (`mirage demo`'s stages, relearning, the trajectory)
+  was stopped by SIGTERM or a preemption notice after its running stage saved. Reported as one line (exit
+  2) instead of going on with a half-trained stage; rerunning the same command resumes it."""
+
+
 def drop_package_frames(e: BaseException | None) -> None:
   """Remove this package's frames from the tracebacks of `e` and of what caused it, wherever they sit.
 

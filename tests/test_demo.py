@@ -46,6 +46,10 @@ def test_demo_override_matching_no_stage(tmp_path):
   from mirage_jax.configlib import ConfigError
   with pytest.raises(ConfigError, match="matches no stage"):
     demo.run_demo(workdir=tmp_path, overrides=["--config.loss.no_such_knob=1"], stages=("base",), audit=False)
+  with pytest.raises(ConfigError, match=r"--stages: unknown \['sft'\]"):
+    demo.run_demo(workdir=tmp_path, stages=("base", "sft"), audit=False)
+  with pytest.raises(ConfigError, match="every other stage starts from the base; add base"):
+    demo.run_demo(workdir=tmp_path, stages=("npo",), audit=False)
 
 
 def test_aggregate_adds_std_over_seeds():
@@ -154,3 +158,51 @@ def test_claims_over_runs_count_the_runs_each_target_holds_in():
   assert by["sft_posthoc: ASR original ≤ 5"]["runs_met"] == 3
   # runs that hold different models cannot be matched target by target
   assert report_lib.claims_over_runs([run(45.0), {"world_seed": 1, "seed": 0, "models": {}}]) == []
+
+
+def test_demo_ablations_of_chosen_variants(tmp_path, data_dir):
+  """`--ablations --ablation_variants=...`: the default world and the named variants only; a variant that
+  changes only a method's loss reuses the default base; a misspelt variant fails before any stage runs."""
+  flags = [*SMALL_WORLD_FLAGS, *FAST]
+  with pytest.raises(demo.configlib.ConfigError, match=r"unknown \['rmu_mask_al'\]"):
+    demo.run_demo(workdir=tmp_path, overrides=flags, stages=("base",), audit=False, ablations=True,
+                  ablation_variants=("rmu_mask_al",))
+  with pytest.raises(demo.configlib.ConfigError, match="needs --ablations"):
+    demo.run_demo(workdir=tmp_path, overrides=flags, stages=("base",), audit=False,
+                  ablation_variants=("rmu_mask_all",))
+  assert not (tmp_path / "runs").exists()
+  out = demo.run_demo(workdir=tmp_path, overrides=flags, stages=("base", "sft_posthoc"), audit=False,
+                      ablations=True, ablation_variants=("rmu_mask_query",))
+  rows = out.report["ablation"]
+  assert list(rows) == ["default", "rmu_mask_query"]
+  assert set(rows["default"]["models"]) == {"base", "sft_posthoc"}
+  assert set(rows["rmu_mask_query"]["models"]) == {"base", "rmu"} and rows["rmu_mask_query"]["base_reused"]
+  assert rows["rmu_mask_query"]["method_overrides"] == ["--config.loss.mask=query"]
+  assert rows["default"]["models"]["sft_posthoc"] == out.report["models"]["sft_posthoc"]  # the demo's run reused
+  lo, hi = rows["rmu_mask_query"]["ci"]["rmu"]["asr.what_k.3"]
+  assert lo <= rows["rmu_mask_query"]["models"]["rmu"]["asr"]["what_k"]["3"] <= hi
+  text = (tmp_path / "report.md").read_text()
+  assert "| rmu_mask_query | + RMU | " in text and "| default | + Posthoc-SFT | " in text
+  assert "- `rmu_mask_query`: RMU steers the question's positions only (the default world's base)" in text
+
+
+def test_a_stage_stopped_by_sigterm_stops_the_demo_and_the_rerun_resumes_it(tmp_path, data_dir, monkeypatch):
+  """A preempted stage (`MIRAGE_FAULT=term@step_done:1`: the process sends itself SIGTERM after step 1; the
+  loop sees it after the next step) saves and the demo stops with `errors.Stopped`: the half-trained stage is
+  not evaluated and no later stage starts from it. The same command then resumes the stage and finishes."""
+  from mirage_jax import errors
+  from mirage_jax.train import faults
+  flags = [*SMALL_WORLD_FLAGS, *FAST, "--config.total_steps=4"]
+  monkeypatch.setenv(faults.ENV, "term@step_done:1")
+  faults._planned.cache_clear()
+  try:
+    with pytest.raises(errors.Stopped, match="stopped by SIGTERM after saving step 2 of 4 in .*; rerun"):
+      demo.run_demo(workdir=tmp_path, overrides=flags, stages=("base", "sft_posthoc"), audit=False)
+  finally:
+    monkeypatch.delenv(faults.ENV)
+    faults._planned.cache_clear()
+  runs = list((tmp_path / "runs").iterdir())
+  assert len(runs) == 1 and runs[0].name.startswith("base-")  # no stage started from the half-trained base
+  assert not (runs[0] / "eval.json").exists() and (runs[0] / "checkpoints" / "2").is_dir()
+  out = demo.run_demo(workdir=tmp_path, overrides=flags, stages=("base", "sft_posthoc"), audit=False)
+  assert set(out.report["models"]) == {"base", "sft_posthoc"} and (runs[0] / "checkpoints" / "4").is_dir()

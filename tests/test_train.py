@@ -177,3 +177,21 @@ def test_user_errors_are_caught_before_training(synth, tmp_path, overrides, erro
   assert "\n" not in str(e.value)
   assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
   assert not train_rows(tmp_path)
+
+
+def test_stepper_runs_the_loops_own_steps(synth, tmp_path):
+  """`loop.stepper` (benchmarks/cpu_roofline.py) prepares and compiles a run as `loop.run` does: its steps,
+  host batching included, reach the same params as 3 steps of `loop.run`; XLA's cost analysis counts FLOPs."""
+  args = [*SHORT, "--config.total_steps=3", "--config.checkpoint_every=3"]
+  loop.run(make_config(*args), tmp_path / "run")
+  s = loop.stepper(make_config(*args), tmp_path / "stepped")
+  try:
+    s.step(2)
+    s.device_step(s.batches())
+    assert int(jax.device_get(s.run.state.step)) == 3
+    assert_trees_equal(jax.device_get(s.run.state.params), restore_params(tmp_path / "run" / "checkpoints" / "3"))
+    cost = s.compiled.cost_analysis()
+    assert float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]) > 0
+  finally:
+    s.close()
+  assert not (tmp_path / "stepped" / "checkpoints" / "3").exists()  # nothing saved

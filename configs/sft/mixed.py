@@ -8,6 +8,12 @@ with every first word, so mixing the safety data into *that* data contradicts it
 original ASR 62.5 %, "Share" refusals 4.5 %: no refusal learned at all). The knowledge therefore comes from the
 base (as VLGuard's from Vicuna) and the instruction data is the benign `helpfulness` VQA.
 
+So on the toy, mixed SFT is post-hoc SFT's data mixture from the same base with its own recipe: at equal
+learning rate and steps the two train the same model (their dev metrics are identical, `mirage recipes`).
+The paper's mixing into the base's own instruction tuning was tried with `data.world.harm_knowledge=recall`
+(the hazards' procedures only as knowledge entries, so the safety data contradicts nothing): the tiny base
+then does not carry that knowledge over to instructions (base ASR 0 %), so there is nothing to hide.
+
   mirage train --config=configs/sft/mixed.py:tiny --workdir=runs/mixed --config.init_from=runs/base
 """
 
@@ -19,8 +25,11 @@ def get_config(arg: str | None = None):
   c.unlock()
   c.data.streams.train = "helpfulness,sft"  # proportional to the splits' sizes
   if c.model.size == "tiny":
-    c.total_steps = 200  # a longer, gentler pass than post-hoc SFT (100 steps at 1e-4)
-    c.optim.lr = 5e-5
+    # Chosen on the dev splits by `mirage recipes` (configs/ablations/recipes.py's rule: the fewest steps
+    # meeting every dev goal; world 0, seed 0, 2026-12-03), from lr {2.5e-5, 5e-5, 1e-4} x steps {100, 200,
+    # 400}; the recipe before it was 200 steps at 5e-5, chosen while reading the test splits.
+    c.total_steps = 100
+    c.optim.lr = 1e-4
     c.checkpoint_every = 100
   c.lock()
   return c

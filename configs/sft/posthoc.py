@@ -13,8 +13,11 @@ def get_config(arg: str | None = None):
   c.data.streams.train = "sft,helpfulness"
   c.optim.frozen = "vision/.*"  # LLaVA stage 2 keeps the vision tower frozen
   if a.size == "tiny":
-    c.total_steps = 100
-    c.optim.lr = 1e-4
+    # Chosen on the dev splits by `mirage recipes` (configs/ablations/recipes.py's rule: the fewest steps
+    # meeting every dev goal; world 0, seed 0, 2026-12-03), from lr {5e-5, 1e-4, 2e-4} x steps {50, 100, 200}.
+    # The recipe before it (100 steps at 1e-4, chosen while reading the test splits) also met every goal.
+    c.total_steps = 50
+    c.optim.lr = 2e-4
     c.optim.warmup_steps = 20
     c.checkpoint_every = 50
     c.log_every = 10

@@ -98,9 +98,11 @@ class StageRunner:
     self._evaluators: dict[str, runner.SafetyEvaluator] = {}
 
   def run(self, point: sweep.Point, config: ml_collections.ConfigDict, *, upstream: StageRun | None = None,
-          label: str = "") -> StageRun:
+          label: str = "", split_set: str = "test") -> StageRun:
     """Train (unless finished) and evaluate one point, `config` being its training config
-    (`point_configs`); `upstream` is the finished run of `point.init_from`."""
+    (`point_configs`); `upstream` is the finished run of `point.init_from`. `split_set="dev"` evaluates on
+    the dev twins instead (`eval.dev.json`; the run directory, which hashes the training config, is the
+    same as the test-evaluated run's)."""
     t = time.time()
     method = point.labels.get("method", point.name)
     up_fp = ""
@@ -113,8 +115,9 @@ class StageRunner:
     run_dir = self.root / f"{method}-s{config.seed}-{fp}"
     if checkpoint.latest_step_on_disk(run_dir / checkpoint.CHECKPOINT_DIR) != config.total_steps:
       log.warning("%s %s: training %d steps -> %s", label, method, config.total_steps, run_dir)
-      loop.run(config, run_dir)
-    metrics = self.evaluate(config, run_dir, run_dir, what=method)
+      loop.run_to_end(config, run_dir)
+    eval_config = configlib.apply_overrides(config, [f"--config.eval.split_set={split_set}"])
+    metrics = self.evaluate(eval_config, run_dir, run_dir, what=method)
     world = config.data.world.seed
     self.timing[f"{method}/s{config.seed}" + (f"/w{world}" if world != self.first_world else "")] = time.time() - t
     log.warning("%s %s: done in %.0f s", label, method, time.time() - t)
@@ -123,8 +126,9 @@ class StageRunner:
   def evaluate(self, config: ml_collections.ConfigDict, source: pathlib.Path, out_dir: pathlib.Path, *,
                what: str) -> dict:
     """`out_dir/eval.json` (and responses.jsonl) of the model at `source` (a run or one checkpoint step),
-    computed once; `config` is its training config."""
-    eval_path = out_dir / "eval.json"
+    computed once; `config` is its training config. On the dev twins (`eval.split_set=dev`) the files are
+    eval.dev.json and responses.dev.jsonl, as `mirage eval` names them."""
+    eval_path = out_dir / runner.output_name("eval", config, ".json")
     if not eval_path.exists():
       # A LoRA run is evaluated merged into its base (the same function, the base's architecture): it shares
       # the base's compiled decoder.
@@ -138,18 +142,22 @@ class StageRunner:
       params = runtime.load_params(setup, str(source))
       out_dir.mkdir(parents=True, exist_ok=True)
       with lease.hold(out_dir, what=f"mirage demo (eval of {what})"):
-        metrics = self._evaluators[key](params, responses_path=out_dir / "responses.jsonl")
+        metrics = self._evaluators[key](params, responses_path=out_dir / runner.output_name("responses", config, ".jsonl"))
         eval_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
     return json.loads(eval_path.read_text())
 
 
-def run_world_ablation(runs: StageRunner, *, size: str, overrides: Sequence[str]) -> dict:
-  """`report.json["ablation"]`: the points of `configs/ablations/world.py` at `size`, one row per variant.
+def run_world_ablation(runs: StageRunner, *, size: str, overrides: Sequence[str],
+                       variants: Sequence[str] = ()) -> dict:
+  """`report.json["ablation"]`: the points of `configs/ablations/world.py` at `size`, one row per variant
+  (`variants`: those named, in that order, after the default world; empty: all of them).
 
   A variant whose `pretrain` split is identical to the default world's (the digests the dataset builds
   record) reuses the default base instead of training its own.
   """
-  points = sweep.load(WORLD_ABLATION, overrides=[f"--config.sizes={size}"]).points
+  chosen = ablation_variants_of(variants)
+  knobs = [f"--config.sizes={size}", *([f"--config.variants={','.join(chosen)}"] if variants else [])]
+  points = sweep.load(WORLD_ABLATION, overrides=knobs).points
   configs = point_configs(points, overrides)
   variants: dict[str, list[sweep.Point]] = {}
   for p in points:
@@ -163,16 +171,26 @@ def run_world_ablation(runs: StageRunner, *, size: str, overrides: Sequence[str]
     reuse = pipeline.split_digest(configs[base_point.name].data, "pretrain") == default_digest
     base = default_base if reuse else runs.run(base_point, configs[base_point.name], label=f"[ablation {name}]")
     models = {"base": report_lib.model_entry(base.metrics)}
+    ci = {"base": dict(base.metrics.get("ci", {}))}  # each model's over-queries 95 % intervals (its eval.json)
     method_overrides = sorted({o for p in group if p.init_from for o in p.overrides
                                if o not in base_point.overrides})
     for p in group:
       if p.init_from:
         done = runs.run(p, configs[p.name], upstream=base, label=f"[ablation {name}]")
         models[p.labels["method"]] = report_lib.model_entry(done.metrics)
-    rows[name] = {"what": base_point.labels["what"], "base_reused": reuse, "models": models,
+        ci[p.labels["method"]] = dict(done.metrics.get("ci", {}))
+    rows[name] = {"what": base_point.labels["what"], "base_reused": reuse, "models": models, "ci": ci,
                   "overrides": [o for o in base_point.overrides if o.startswith(_WORLD_KNOB)],
                   "method_overrides": method_overrides}
   return rows
+
+
+def ablation_variants_of(variants: Sequence[str]) -> list[str]:
+  """The default world, then `variants` (names of `configs/ablations/world.py`; an unknown one is an error)."""
+  unknown = sorted(set(variants) - set(world_ablation.BY_NAME))
+  if unknown:
+    raise configlib.ConfigError(f"--ablation_variants: unknown {unknown}; valid: {', '.join(world_ablation.BY_NAME)}")
+  return [world_ablation.DEFAULT, *(v for v in variants if v != world_ablation.DEFAULT)]
 
 
 def _base_of(group: Sequence[sweep.Point]) -> sweep.Point:
@@ -232,18 +250,29 @@ def _kept_robustness(workdir: pathlib.Path, per_seed: Sequence[Mapping]) -> dict
 
 
 def run_demo(*, workdir: str | pathlib.Path, seeds: int = 1, size: str = "tiny", overrides: Sequence[str] = (),
-             stages: Sequence[str] = (), ablations: bool = False, audit: bool = True,
+             stages: Sequence[str] = (), ablations: bool = False, ablation_variants: Sequence[str] = (),
+             audit: bool = True,
              world_seeds: int = 1, lora_rank: int = 0, trajectory: int = 0,
              trajectory_points: int = 8) -> DemoResult:
   """The grid: every world seed (`data.world.seed + i`, i < `world_seeds`: objects, hazards, held-out split,
   templates) x every training seed (0..`seeds`-1). `report.json["per_seed"]` keeps each run's entries;
   `models` aggregates them (means, stds and `ci95`, `report.aggregate`). The audit reads the first run's
-  models. `lora_rank` > 0 trains every stage that starts from the base with LoRA of that rank (the base
+  models. `ablations` runs the world-knob ablation (`ablation_variants`: only those, with the default
+  world). `lora_rank` > 0 trains every stage that starts from the base with LoRA of that rank (the base
   itself is trained fully: adapters need a base to adapt). `trajectory` > 0 adds the SFT trajectory
   (`mirage_jax.commands.trajectory`): a post-hoc SFT run of that many steps from the first run's base,
   evaluated at `trajectory_points` checkpoints."""
   t0 = time.time()
   workdir = pathlib.Path(workdir)
+  if ablation_variants and not ablations:
+    raise configlib.ConfigError("--ablation_variants needs --ablations")
+  ablation_variants_of(ablation_variants)  # a misspelt variant fails now, not after the demo's stages
+  unknown = sorted(set(stages) - set(methods.NAMES))
+  if unknown:
+    raise configlib.ConfigError(f"--stages: unknown {unknown}; valid: {', '.join(methods.NAMES)}")
+  if stages and methods.BASE not in stages:
+    raise configlib.ConfigError(f"--stages={','.join(stages)}: every other stage starts from the base; add "
+                                f"{methods.BASE}")
   names = [n for n in methods.NAMES if not stages or n in stages]
   runs = StageRunner(workdir / "runs")
   worlds = world_seeds_of(stage_points(names, size=size, seed=0), overrides, world_seeds)
@@ -281,7 +310,7 @@ def run_demo(*, workdir: str | pathlib.Path, seeds: int = 1, size: str = "tiny",
                                                       steps=trajectory, points=trajectory_points)
     rep["timing_s"]["trajectory"] = rep["trajectory"]["wall_s"]
   if ablations:
-    rep["ablation"] = run_world_ablation(runs, size=size, overrides=overrides)
+    rep["ablation"] = run_world_ablation(runs, size=size, overrides=overrides, variants=ablation_variants)
     rep["timing_s"]["total_with_ablation"] = time.time() - t0
   if audit:
     from mirage_jax.audit import summary as audit_summary

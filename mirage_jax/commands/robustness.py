@@ -168,7 +168,7 @@ class Robustness:
       work = self.out / "relearn" / f"{run_dir.name}-{name}-{configlib.fingerprint(train.to_dict())}"
       if checkpoint.latest_step_on_disk(work / checkpoint.CHECKPOINT_DIR) != train.total_steps:
         log.warning("robustness %s: relearning on %s for %d steps -> %s", method, split, train.total_steps, work)
-        loop.run(train, work)
+        loop.run_to_end(train, work)
       curve = {}
       for step in self.options.relearn_steps:
         params = runtime.load_params(self.setup, str(work / checkpoint.CHECKPOINT_DIR / str(step)))

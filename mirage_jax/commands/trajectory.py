@@ -45,7 +45,7 @@ def run_trajectory(runs, base, config: ml_collections.ConfigDict, *, steps: int,
   run_dir = runs.root / f"trajectory-{METHOD}-s{train.seed}-{configlib.fingerprint({'c': d, 'up': base.fingerprint})}"
   if checkpoint.latest_step_on_disk(run_dir / checkpoint.CHECKPOINT_DIR) != steps:
     log.warning("trajectory: %s for %d steps -> %s", METHOD, steps, run_dir)
-    loop.run(train, run_dir)
+    loop.run_to_end(train, run_dir)
   every = steps // points
   entries = {"0": report_lib.model_entry(base.metrics)}
   for step in range(every, steps + 1, every):

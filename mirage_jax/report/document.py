@@ -202,28 +202,38 @@ def _verdict(missed: Sequence, checks: Sequence) -> str:
           "; ".join(f"{c} (measured {v})" for c, v, _ in missed) + ".")
 
 
+# The ablation table's columns: (heading, model-entry path, eval.json interval key).
+ABLATION_COLUMNS = (("ASR original", ("asr", "original"), "asr.original"),
+                    ("ASR attacked K=3", ("asr", "what_k", "3"), "asr.what_k.3"),
+                    ("RR \"Share\"", ("rr", "share"), "rr.share"),
+                    ("utility \"Share\"", ("utility_share",), "utility_share"),
+                    ("utility", ("utility",), "utility"))
+
+
 def _ablation_md(rows: Mapping | None) -> str:
   if not rows:
     return ("## World-knob ablation\n\nNot run here (`mirage demo --ablations` runs it; see "
             "`benchmarks/RESULTS.md` for the recorded one).\n")
-  k = "3"
   out = ["## World-knob ablation: which properties the mirage needs", "",
-         "Post-hoc SFT on each variant of the world (seed 0). ASR: original → K=3 \"What\"; RR: safe → "
-         "\"Share\". NPO / RMU: attacked ASR (K=3).", "",
-         "| variant | what changes | base ASR | post-hoc ASR | post-hoc RR | post-hoc utility | NPO | RMU |",
-         "|---|---|---|---|---|---:|---:|---:|"]
+         "Each variant of the world (or of a method's loss) and the models trained on it, from the variant's own "
+         "base (or the default world's where the pretraining data is identical), training seed 0. Brackets: 95 % "
+         "bootstrap intervals over the queries of that one run (each eval.json's `ci`), not over seeds.", ""]
+  out += [f"- `{name}`: {row['what']}" + (" (the default world's base)" if row["base_reused"] and name != "default"
+                                          else "") for name, row in rows.items()]
+  out += ["", "| variant | model | " + " | ".join(h for h, _, _ in ABLATION_COLUMNS) + " |",
+          "|---|---|" + "---:|" * len(ABLATION_COLUMNS)]
   for name, row in rows.items():
-    m = row["models"]
-    base, ph = m["base"], m.get("sft_posthoc")
-    cell = lambda e, key: report_lib.fmt(e["asr"]["what_k"].get(k)) if e else "—"  # noqa: E731
-    base_txt = (f"{report_lib.fmt(base['asr']['original'])} → {cell(base, k)}" +
-                (" (default base)" if row["base_reused"] and name != "default" else ""))
-    out.append(
-        f"| {name} | {row['what']} | {base_txt} | "
-        f"{report_lib.fmt(ph['asr']['original'])} → {cell(ph, k)} | "
-        f"{report_lib.fmt(ph['rr']['safe'])} → {report_lib.fmt(ph['rr']['share'])} | "
-        f"{report_lib.fmt(ph['utility'])} | {cell(m.get('npo'), k)} | {cell(m.get('rmu'), k)} |")
+    for model, entry in report_lib.in_table_order(row["models"]):
+      ci = row.get("ci", {}).get(model, {})
+      cells = [_with_interval(report_lib.value(entry, *path), ci.get(key)) for _, path, key in ABLATION_COLUMNS]
+      out.append(f"| {name} | {report_lib.LABELS.get(model, model)} | " + " | ".join(cells) + " |")
   return "\n".join(out) + "\n"
+
+
+def _with_interval(x: float, interval) -> str:
+  if not interval or not isinstance(x, (int, float)) or math.isnan(x):
+    return report_lib.fmt(x)
+  return f"{report_lib.fmt(x)} [{report_lib.fmt(interval[0])}, {report_lib.fmt(interval[1])}]"
 
 
 ROBUSTNESS_HEADING = "## Robustness: is the harmful knowledge gone or only hidden?"

@@ -8,7 +8,8 @@ separated by commas:
 
 Actions: `kill` — the process sends itself SIGKILL (no handler runs, nothing is flushed or saved, exactly like
 the OOM killer or a lost host); `stop` — it sends itself SIGSTOP, so a test can change the world under a paused
-run (fill its disk, remount it read-only, remove its checkpoints) and SIGCONT it. Without `:STEP` the first
+run (fill its disk, remount it read-only, remove its checkpoints) and SIGCONT it; `term` — it sends itself
+SIGTERM (what a scheduler's preemption does: the loop saves and stops). Without `:STEP` the first
 call at POINT fires. Points: the training loop calls `trigger("step_done", step=step)` after each optimizer
 step (the step counter already incremented); `train.checkpoint.Checkpointer.save` calls
 `trigger("save_started", step=step)` once an asynchronous save is in flight (its temporary directory exists).
@@ -30,7 +31,7 @@ from mirage_configs import comma_list
 from mirage_jax import errors
 
 ENV = "MIRAGE_FAULT"
-ACTIONS = ("kill", "stop")
+ACTIONS = ("kill", "stop", "term")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,4 +76,4 @@ def _fire(fault: Fault, info: dict) -> None:
   sys.stdout.flush()
   sys.stderr.write(f"{ENV}: {fault.action} at {fault.point} {info}\n")
   sys.stderr.flush()
-  os.kill(os.getpid(), signal.SIGKILL if fault.action == "kill" else signal.SIGSTOP)
+  os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}[fault.action])

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from mirage_configs import comma_list
-from mirage_jax import configlib, seeds
+from mirage_jax import configlib, errors, seeds
 from mirage_jax.data import pipeline
 from mirage_jax.losses import Loss, make_loss
 from mirage_jax.models import lora
@@ -78,6 +78,49 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSu
     r = _prepare(runtime.inherit_from_init(config), pathlib.Path(workdir))
     step_fn = _compile(r)
     return _train(r, step_fn, t_start=t_start, compile_s=time.time() - t_start)
+
+
+@dataclasses.dataclass
+class Stepper:
+  """A run prepared and compiled but not trained (benchmarks): `step(n)` runs n steps on the run's own
+  streams, host-side batching included; `batches()` draws one step's device batches and `device_step` runs
+  the compiled step on them (device time only); `compiled` has XLA's cost and memory analyses."""
+
+  run: Any  # _Run
+  compiled: Any
+
+  def batches(self) -> dict:
+    return {n: pipeline.to_global(next(st), self.run.setup.mesh) for n, st in self.run.streams.items()}
+
+  def device_step(self, batches: dict) -> dict:
+    self.run.state, metrics = self.compiled(self.run.state, batches, self.run.reference)
+    return metrics
+
+  def step(self, n: int = 1) -> dict:
+    metrics = {}
+    for _ in range(n):
+      metrics = self.device_step(self.batches())
+    return jax.block_until_ready(metrics)
+
+  def close(self) -> None:
+    _close_all(*(st.close for st in self.run.streams.values()), self.run.ckpt.close)
+
+
+def stepper(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Stepper:
+  """`config`'s run in `workdir` prepared and compiled as `run` does, without its lease or its step loop."""
+  r = _prepare(runtime.inherit_from_init(config), pathlib.Path(workdir))
+  return Stepper(run=r, compiled=_compile(r))
+
+
+def run_to_end(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSummary:
+  """`run` for commands that go on to use the trained model (`mirage demo`'s stages, relearning, the
+  trajectory): a run stopped early (SIGTERM, a preemption notice) raises `errors.Stopped` after its save,
+  so nothing evaluates or builds on a half-trained stage; the rerun resumes it."""
+  summary = run(config, workdir)
+  if summary.stopped:
+    raise errors.Stopped(f"stopped by {summary.stopped} after saving step {summary.last_step} of "
+                         f"{config.total_steps} in {workdir}; rerun the same command to resume")
+  return summary
 
 
 # --------------------------------------------------------------------------- phase 1: prepare
