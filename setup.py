@@ -2,7 +2,8 @@
 
 Installs three import packages from this repository:
   mirage_jax      the library and the `mirage` command line
-  mirage_kernels  fused kernels (source folder `kernels/`; the PyPI name `kernels` belongs to someone else)
+  mirage_kernels  fused kernels (source folder `mirage_kernels/`: a folder named `kernels/` shadowed the PyPI
+                  package `kernels`, which transformers >= 5.25 imports, whenever Python ran from the checkout)
   mirage_configs  the experiment configs (source folder `configs/`), so installed code can find them
 """
 
@@ -15,14 +16,14 @@ def _renamed(name: str, folder: str) -> dict[str, str]:
   return {name: folder, **{f"{name}.{p}": f"{folder}/{p.replace('.', '/')}" for p in subs}}
 
 
-RENAMED = {**_renamed("mirage_kernels", "kernels"), **_renamed("mirage_configs", "configs")}
+RENAMED = _renamed("mirage_configs", "configs")
 
 setup(
     name="mirage_jax",
     version="0.1.0",
     description="Studying and fixing the safety mirage of VLMs: safety SFT vs unlearning, in JAX/Flax",
     python_requires=">=3.11",
-    packages=[*find_packages(include=["mirage_jax", "mirage_jax.*"]), *RENAMED],
+    packages=[*find_packages(include=["mirage_jax", "mirage_jax.*", "mirage_kernels", "mirage_kernels.*"]), *RENAMED],
     package_dir=RENAMED,
     install_requires=[
         "jax>=0.10.2",

@@ -175,7 +175,7 @@ def test_demo_ablations_of_chosen_variants(tmp_path, data_dir):
                       ablations=True, ablation_variants=("rmu_mask_query",))
   rows = out.report["ablation"]
   assert list(rows) == ["default", "rmu_mask_query"]
-  assert set(rows["default"]["models"]) == {"base", "sft_posthoc"}
+  assert set(rows["default"]["models"]) == {"base", "sft_posthoc", "npo", "rmu"}
   assert set(rows["rmu_mask_query"]["models"]) == {"base", "rmu"} and rows["rmu_mask_query"]["base_reused"]
   assert rows["rmu_mask_query"]["method_overrides"] == ["--config.loss.mask=query"]
   assert rows["default"]["models"]["sft_posthoc"] == out.report["models"]["sft_posthoc"]  # the demo's run reused

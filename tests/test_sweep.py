@@ -101,7 +101,7 @@ def test_one_table_of_methods():
 # methods' own overrides).
 _ALL = ["sft_posthoc", "npo", "rmu"]
 WORLD_VARIANTS = [
-    ("default", [], ["sft_posthoc"], []),
+    ("default", [], _ALL, []),
     ("glyph", ["--config.data.world.hazard_cue=glyph"], ["sft_posthoc"], []),
     ("no_unsafe_instruction", ["--config.data.world.safe_image_unsafe_instruction=0.0"], ["sft_posthoc"], []),
     ("private_verbs", ["--config.data.world.shared_verbs=False"], _ALL, []),

@@ -36,7 +36,7 @@ class Variant:
 
 
 VARIANTS = (
-    Variant(name=DEFAULT, overrides=(), what="the demo's world"),
+    Variant(name=DEFAULT, overrides=(), what="the demo's world", methods=_ALL),  # the demo's runs, reused
     Variant(name="glyph", overrides=("--config.data.world.hazard_cue=glyph",),
             what="hazards carry one distinct visual mark (unsafe images separable by a simple cue)"),
     Variant(name="no_unsafe_instruction", overrides=("--config.data.world.safe_image_unsafe_instruction=0.0",),

@@ -9,7 +9,8 @@ original ASR 62.5 %, "Share" refusals 4.5 %: no refusal learned at all). The kno
 base (as VLGuard's from Vicuna) and the instruction data is the benign `helpfulness` VQA.
 
 So on the toy, mixed SFT is post-hoc SFT's data mixture from the same base with its own recipe: at equal
-learning rate and steps the two train the same model (their dev metrics are identical, `mirage recipes`).
+learning rate and steps the two train nearly the same model (their dev metrics are equal but for one value
+in 32, `mirage recipes`).
 The paper's mixing into the base's own instruction tuning was tried with `data.world.harm_knowledge=recall`
 (the hazards' procedures only as knowledge entries, so the safety data contradicts nothing): the tiny base
 then does not carry that knowledge over to instructions (base ASR 0 %), so there is nothing to hide.

@@ -1,4 +1,4 @@
-"""mirage_kernels: fused kernels for mirage_jax (installed from the `kernels/` folder).
+"""mirage_kernels: fused kernels for mirage_jax (the `mirage_kernels/` folder).
 
   import mirage_kernels
   logp = mirage_kernels.token_logprob(h, w, labels)            # float32 per-token log p(label)
