@@ -279,6 +279,7 @@ def _metrics(asr: float, rr: float) -> dict:
   return {"asr": {"original": asr / 4, "what_k": {str(k): min(100.0, asr + k) for k in range(1, 6)},
                   "control": 1.0},
           "rr": {"safe": rr / 4, "share": rr, "safe_unsafe": 50.0}, "ir_attacked": 2.0, "utility": 80.0,
+          "utility_share": 100.0 - rr,
           "mechanism_attacked": {"asr": asr, "rr": 1.0, "ir": 2.0}}
 
 
@@ -316,6 +317,7 @@ def test_report_aggregates_runs_into_markdown_csv_and_plot(tmp_path, capsys):
   by_run = {r["run"]: r for r in rows}
   npo = by_run["npo-beta0.5-tiny-s1"]
   assert (npo["method"], npo["variant"], npo["seed"], float(npo["asr_what_k3"])) == ("npo", "beta0.5", "1", 53.0)
+  assert float(npo["utility_share"]) == 90.0  # answer quality on "Share" queries: "safe by gibberish" shows
   assert npo["config_hash"] == by_run["npo-beta0.5-tiny-s0"]["config_hash"] != by_run["base-tiny-s0"]["config_hash"]
   assert by_run["sft_posthoc-s0-0123abcd"]["method"] == "sft_posthoc"
   assert by_run["mystery@150"]["method"] == "rmu"

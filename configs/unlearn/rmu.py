@@ -20,6 +20,9 @@ def get_config(arg: str | None = None):
   c.loss.alpha = 10.0 if a.size == "tiny" else 1.0
   c.optim.frozen = ""
   c.optim.trainable = "projector/.*,decoder/layers/mlp/down/kernel"
-  c.optim.lr = 1e-3 if a.size == "tiny" else 1e-6
+  # tiny: chosen on the dev splits by `mirage recipes` (configs/ablations/recipes.py's rule; world 0, seed 0,
+  # 2026-12-03) from lr {5e-4, 1e-3, 2e-3} x 150 steps: all three met every dev goal, 2e-3 had the best dev
+  # utility. The lr before it (1e-3) was set while reading the test splits.
+  c.optim.lr = 2e-3 if a.size == "tiny" else 1e-6
   c.lock()
   return c

@@ -1,8 +1,10 @@
 """PNG plots of the experiment (matplotlib, Agg backend): ASR / RR before and after the one-word attack per
-method, the K-shot attack curve, per-term training-loss curves, and ASR / RR vs model size (`mirage report`)."""
+method, the K-shot attack curve, per-term training-loss curves, and ASR / RR / utility vs model size
+(`mirage report`)."""
 
 from __future__ import annotations
 
+import math
 import pathlib
 from collections.abc import Mapping, Sequence
 
@@ -71,24 +73,31 @@ def loss_curves(runs: Mapping[str, Sequence[Mapping]], path: pathlib.Path) -> No
 
 
 def size_curves(curves: Mapping[str, Sequence[tuple]], path: pathlib.Path) -> None:
-  """ASR and RR vs model size (`mirage report`): `curves[label]` = [(params, size, {column: (mean, std)})];
-  solid lines after the attack / rewrite ("What" K=3, "Share"), dashed before it; error bars = std over seeds."""
+  """The mirage and its fix against model size (`mirage report`): `curves[label]` = [(params, size, {column:
+  (mean, std)})]; one panel each for the jailbreak ASR, the refusals of safe queries and utility; solid lines
+  after the attack / rewrite ("What" K=3, "Share"; utility overall), dashed before it (original queries, safe
+  queries; utility on the "Share" answers); error bars = std over seeds. Sizes are placed in parameter order
+  and labelled with their parameter count."""
   sizes = sorted({(p, s) for pts in curves.values() for p, s, _ in pts})
   x_of = {s: i for i, (_, s) in enumerate(sizes)}
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-  for ax, (title, after, before) in zip(axes, (("Jailbreak ASR (%)", "asr_what_k3", "asr_original"),
-                                               ("Refusal rate on safe queries (%)", "rr_share", "rr_safe"))):
+  panels = (("Jailbreak ASR (%)", "asr_what_k3", "asr_original", "attacked (K=3)", "original"),
+            ("Refusal rate on safe queries (%)", "rr_share", "rr_safe", "\"Share\" rewrite", "original"),
+            ("Utility (%)", "utility", "utility_share", "utility split", "\"Share\" answers"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.8))
+  for ax, (title, solid, dashed, solid_what, dashed_what) in zip(axes, panels):
     for i, (label, pts) in enumerate(curves.items()):
       pts = sorted(pts, key=lambda t: (t[0], t[1]))
       xs = [x_of[s] for _, s, _ in pts]
       color = f"C{i % 10}"
-      for column, style in ((after, "-"), (before, "--")):
-        ax.errorbar(xs, [v[column][0] for *_, v in pts], yerr=[v[column][1] for *_, v in pts], fmt=style,
-                    marker="o", color=color, capsize=3, label=label if style == "-" else None)
-    ax.set_xticks(range(len(sizes)), [s for _, s in sizes])
-    ax.set_xlabel("model size")
+      for column, style in ((solid, "-"), (dashed, "--")):
+        ys = [v.get(column, (math.nan, 0.0)) for *_, v in pts]
+        ax.errorbar(xs, [m for m, _ in ys], yerr=[sd for _, sd in ys], fmt=style, marker="o", color=color,
+                    capsize=3, label=label if style == "-" else None)
+    ax.set_xticks(range(len(sizes)), [f"{s}\n{p / 1e6:.2g}M" if p < 1e9 else f"{s}\n{p / 1e9:.2g}B"
+                                      for p, s in sizes])
+    ax.set_xlabel("model size (parameters)")
     ax.set_ylim(-2, 105)
-    ax.set_title(title + ": solid = attacked (K=3 / \"Share\"), dashed = original", fontsize=9)
+    ax.set_title(f"{title}: solid = {solid_what}, dashed = {dashed_what}", fontsize=8)
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -3,7 +3,8 @@
 Every `eval.json` under the given directories is a row, labelled from the run's `config.json` (model size,
 seed, config hash) and directory name (`mirage sweep` names runs `<method>[-<variant>]-<size>-s<seed>`; other
 directories give the method from the config). Writes `runs.md` (per-run table and mean ± std over seeds of
-each setting), `runs.csv` (per run) and `asr_rr_vs_size.png`.
+each setting), `runs.csv` (per run) and `asr_rr_vs_size.png` (jailbreak ASR, refusals of safe queries and
+utility against parameter count).
 
 The config hash is a fingerprint of the training config without `seed` and `init_from`, so the seeds of one
 setting share it and a changed hyper-parameter does not.
@@ -28,11 +29,12 @@ HASH_DROP = ("seed", "init_from")
 # column -> path into a `report.model_entry`; K=3 is the paper's one-word attack.
 METRICS = {
     "asr_original": ("asr", "original"), "asr_what_k3": ("asr", "what_k", "3"), "asr_control": ("asr", "control"),
-    "rr_safe": ("rr", "safe"), "rr_share": ("rr", "share"), "utility": ("utility",),
-    "ir_attacked": ("ir_attacked",),
+    "rr_safe": ("rr", "safe"), "rr_share": ("rr", "share"), "utility_share": ("utility_share",),
+    "utility": ("utility",), "ir_attacked": ("ir_attacked",),
 }
 HEADERS = {"asr_original": "ASR orig.", "asr_what_k3": "ASR \"What\" K=3", "asr_control": "control ASR",
-           "rr_safe": "RR safe", "rr_share": "RR \"Share\"", "utility": "utility", "ir_attacked": "IR attacked"}
+           "rr_safe": "RR safe", "rr_share": "RR \"Share\"", "utility_share": "utility \"Share\"",
+           "utility": "utility", "ir_attacked": "IR attacked"}
 
 
 def config_hash(config) -> str:
@@ -161,7 +163,7 @@ def markdown(runs: Sequence[Run]) -> str:
       "# Runs", "", f"{len(runs)} evaluated runs. ASR / RR / IR / utility in %; \"What\" K=3 = the one-word attack, "
       "\"Share\" = over-prudence on safe queries (see the demo's report).", "", "## Mean ± std over seeds", "",
       agg_head, agg_sep, *agg, "", "## Every run", "", head, sep, *rows, "",
-      "![ASR and RR vs size](asr_rr_vs_size.png)", ""])
+      "![ASR, RR and utility vs size](asr_rr_vs_size.png)", ""])
 
 
 def _std(entry: Mapping, column: str) -> float | None:
