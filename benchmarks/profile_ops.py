@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
+import itertools
 import json
 import os
 import pathlib
@@ -91,29 +92,22 @@ def profile(fn, *, steps: int, warmup: int, trace_dir: pathlib.Path, top: int) -
 
 
 def train_program(stage: str, size: str, overrides, tmp: pathlib.Path):
-  """The compiled train step of demo stage `stage` (from a 2-step base when it starts from one)."""
-  from mirage_jax import configlib
-  from mirage_jax.commands import demo
-  from mirage_jax.train import loop
+  """The compiled train step of demo stage `stage` (from a 2-step base when it starts from one), with the
+  demo's configs as `benchmarks/cpu_roofline.py` builds them."""
+  import cpu_roofline
   from mirage_configs import methods
-  points = demo.stage_points([methods.BASE, stage] if stage != methods.BASE else [methods.BASE], size=size,
-                             seed=0)
-  configs = demo.point_configs(points, overrides)
-  by_method = {p.labels["method"]: (p, configs[p.name]) for p in points}
-  point, config = by_method[stage]
+  from mirage_jax.train import loop
+  configs = cpu_roofline.stage_configs([methods.BASE, stage] if stage != methods.BASE else [methods.BASE],
+                                       size, overrides)
+  point, config = configs[stage]
   if point.init_from:
-    init = tmp / "init-base"
-    loop.run(configlib.apply_overrides(by_method[methods.BASE][1],
-                                       ["--config.total_steps=2", "--config.checkpoint_every=2"]), init)
-    config = configlib.apply_overrides(config, [f"--config.init_from={init}"])
+    config = cpu_roofline.from_base(config, configs[methods.BASE][1], tmp / "init-base")
   stepper = loop.stepper(config, tmp / stage)
-  drawn = [stepper.batches() for _ in range(4)]
-  it = iter(range(1 << 30))
-  return stepper, lambda: stepper.device_step(drawn[next(it) % len(drawn)])
+  drawn = itertools.cycle([stepper.batches() for _ in range(4)])
+  return stepper, lambda: stepper.device_step(next(drawn))
 
 
-def decode_program(size: str, root: pathlib.Path):
-  sys.path[:0] = [str(root / "benchmarks"), str(root)]
+def decode_program(size: str):
   import jax
   from flax import nnx
 
@@ -148,7 +142,7 @@ def main(argv=None) -> dict:
   if unknown:
     parser.error(f"unknown programs {unknown}; valid: train, decode")
   root = pathlib.Path(args.root).resolve()
-  sys.path.insert(0, str(root))
+  sys.path[:0] = [str(root / "benchmarks"), str(root)]
   out = {"size": args.size, "steps": args.steps, "root": str(root), "cpus": os.cpu_count(),
          "load_avg_before": list(os.getloadavg())}
   with tempfile.TemporaryDirectory() as tmp:
@@ -161,7 +155,7 @@ def main(argv=None) -> dict:
       finally:
         stepper.close()
     if "decode" in programs:
-      out["decode"] = profile(decode_program(args.size, root), steps=args.steps, warmup=args.warmup,
+      out["decode"] = profile(decode_program(args.size), steps=args.steps, warmup=args.warmup,
                               trace_dir=tmp / "trace-decode", top=args.top)
   out["load_avg_after"] = list(os.getloadavg())
   print(json.dumps(out))

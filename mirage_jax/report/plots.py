@@ -4,7 +4,6 @@ method, the K-shot attack curve, per-term training-loss curves, and ASR / RR / u
 
 from __future__ import annotations
 
-import math
 import pathlib
 from collections.abc import Mapping, Sequence
 
@@ -90,7 +89,7 @@ def size_curves(curves: Mapping[str, Sequence[tuple]], path: pathlib.Path) -> No
       xs = [x_of[s] for _, s, _ in pts]
       color = f"C{i % 10}"
       for column, style in ((solid, "-"), (dashed, "--")):
-        ys = [v.get(column, (math.nan, 0.0)) for *_, v in pts]
+        ys = [v[column] for *_, v in pts]
         ax.errorbar(xs, [m for m, _ in ys], yerr=[sd for _, sd in ys], fmt=style, marker="o", color=color,
                     capsize=3, label=label if style == "-" else None)
     ax.set_xticks(range(len(sizes)), [f"{s}\n{p / 1e6:.2g}M" if p < 1e9 else f"{s}\n{p / 1e9:.2g}B"
