@@ -35,4 +35,6 @@ def test_profile_reads_the_ops_of_a_traced_jitted_function(tmp_path):
   x = jnp.ones((64, 64))
   out = ops.profile(lambda: f(x), steps=2, warmup=1, trace_dir=tmp_path / "trace", top=4)
   assert out["wall_s_per_call"] > 0 and out["ops"] >= 1 and out["op_ms_per_call"] > 0
-  assert sum(r["share"] for r in out["top_kinds"]) <= 1.0 + 1e-6
+  # each share is rounded to 3 decimals, so the top kinds may sum past 1 by at most half a unit of the last place each
+  kinds = out["top_kinds"]
+  assert sum(r["share"] for r in kinds) <= 1.0 + 0.0005 * len(kinds) + 1e-9
