@@ -162,7 +162,9 @@ def test_claims_over_runs_count_the_runs_each_target_holds_in():
 
 def test_demo_ablations_of_chosen_variants(tmp_path, data_dir):
   """`--ablations --ablation_variants=...`: the default world and the named variants only; a variant that
-  changes only a method's loss reuses the default base; a misspelt variant fails before any stage runs."""
+  changes only a method's loss reuses the default base, one that changes the base's own training data
+  (`mixed_in_base`: the paper's Mixed-SFT) trains its own and names it; a misspelt variant fails before any
+  stage runs."""
   flags = [*SMALL_WORLD_FLAGS, *FAST]
   with pytest.raises(demo.configlib.ConfigError, match=r"unknown \['rmu_mask_al'\]"):
     demo.run_demo(workdir=tmp_path, overrides=flags, stages=("base",), audit=False, ablations=True,
@@ -172,9 +174,15 @@ def test_demo_ablations_of_chosen_variants(tmp_path, data_dir):
                   ablation_variants=("rmu_mask_all",))
   assert not (tmp_path / "runs").exists()
   out = demo.run_demo(workdir=tmp_path, overrides=flags, stages=("base", "sft_posthoc"), audit=False,
-                      ablations=True, ablation_variants=("rmu_mask_query",))
+                      ablations=True, ablation_variants=("rmu_mask_query", "mixed_in_base"))
   rows = out.report["ablation"]
-  assert list(rows) == ["default", "rmu_mask_query"]
+  assert list(rows) == ["default", "rmu_mask_query", "mixed_in_base"]
+  mixed = rows["mixed_in_base"]
+  assert set(mixed["models"]) == {"base"} and not mixed["base_reused"]
+  assert mixed["base_overrides"] == ["--config.data.streams.train=pretrain,sft"] and mixed["overrides"] == []
+  streams = sorted(json.loads((d / "config.json").read_text())["data"]["streams"]["train"]
+                   for d in (tmp_path / "runs").iterdir() if d.name.startswith("base-"))
+  assert streams == ["pretrain", "pretrain,sft"]  # the default base and the mixed one
   assert set(rows["default"]["models"]) == {"base", "sft_posthoc", "npo", "rmu"}
   assert set(rows["rmu_mask_query"]["models"]) == {"base", "rmu"} and rows["rmu_mask_query"]["base_reused"]
   assert rows["rmu_mask_query"]["method_overrides"] == ["--config.loss.mask=query"]
@@ -184,6 +192,7 @@ def test_demo_ablations_of_chosen_variants(tmp_path, data_dir):
   text = (tmp_path / "report.md").read_text()
   assert "| rmu_mask_query | + RMU | " in text and "| default | + Posthoc-SFT | " in text
   assert "- `rmu_mask_query`: RMU steers the question's positions only (the default world's base)" in text
+  assert "| mixed_in_base | Mixed-SFT in the base's instruction tuning | " in text
 
 
 def test_a_stage_stopped_by_sigterm_stops_the_demo_and_the_rerun_resumes_it(tmp_path, data_dir, monkeypatch):

@@ -115,6 +115,7 @@ WORLD_VARIANTS = [
     ("benign_procedures", ["--config.data.world.safe_use=procedure"], _ALL, []),
     ("rmu_mask_all", [], ["rmu"], ["--config.loss.mask=all"]),
     ("rmu_mask_query", [], ["rmu"], ["--config.loss.mask=query"]),
+    ("mixed_in_base", ["--config.data.streams.train=pretrain,sft"], [], []),
 ]
 
 

@@ -1,7 +1,8 @@
 """The world-knob ablation: which properties of the synthetic world the Safety Mirage needs.
 
-Each variant changes world knobs (`--config.data.world.*` overrides) and reruns the base, post-hoc SFT and,
-where the knob is about unlearning, NPO and RMU, from that variant's base (seed 0 by default).
+Each variant changes world knobs (`--config.data.world.*` overrides), a method's loss, or the base's own
+training data (`mixed_in_base`), and reruns the base, post-hoc SFT and, where the knob is about unlearning,
+NPO and RMU, from that variant's base (seed 0 by default).
 
   mirage demo --ablations                                            # after the demo, reusing its runs
   mirage sweep --config=configs/ablations/world.py:cpu --workdir=runs/world
@@ -33,6 +34,8 @@ class Variant:
   what: str
   methods: tuple[str, ...] = ("sft_posthoc",)  # run from the variant's base
   method_overrides: tuple[str, ...] = ()  # the methods' own overrides (a loss knob): the base is unchanged
+  base_overrides: tuple[str, ...] = ()  # the variant's base only (its training data): never reused, not passed on
+  base_label: str = ""  # the report's name for the variant's base where it is not the plain base
 
 
 VARIANTS = (
@@ -68,6 +71,14 @@ VARIANTS = (
             what="RMU steers every real position, image tokens included (the paper's RMU)", methods=("rmu",)),
     Variant(name="rmu_mask_query", overrides=(), method_overrides=("--config.loss.mask=query",),
             what="RMU steers the question's positions only", methods=("rmu",)),
+    # Mixed SFT as the paper defines it: VLGuard re-ran LLaVA's instruction tuning with the safety data appended.
+    # Here the base's own instruction tuning (`pretrain`, from scratch) gets the `sft` split mixed in, in
+    # proportion to the two splits' sizes; the demo's `sft_mixed` instead mixes it into benign `helpfulness`
+    # VQA on top of the base (configs/sft/mixed.py says why). Compare with the default world's post-hoc SFT.
+    Variant(name="mixed_in_base", overrides=(), base_overrides=("--config.data.streams.train=pretrain,sft",),
+            methods=(), base_label="Mixed-SFT in the base's instruction tuning",
+            what="the paper's Mixed-SFT: the safety data mixed into the base's own instruction tuning "
+                 "(trained from scratch on pretrain + sft; the row is that model)"),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -89,7 +100,7 @@ def sweep(config=None):
   for size in knob_list(config, "sizes", SIZES):
     for seed in seeds(config):
       for v in (BY_NAME[name] for name in knob_list(config, "variants", list(BY_NAME))):
-        base = point("base", size, seed, overrides=v.overrides, tag=v.name, what=v.what)
+        base = point("base", size, seed, overrides=(*v.overrides, *v.base_overrides), tag=v.name, what=v.what)
         points.append(base)
         points += [point(m, size, seed, overrides=(*v.overrides, *v.method_overrides), tag=v.name,
                          init_from=base["name"], what=v.what) for m in v.methods]

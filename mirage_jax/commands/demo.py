@@ -167,8 +167,9 @@ def run_world_ablation(runs: StageRunner, *, size: str, overrides: Sequence[str]
   default_base = runs.run(ref, configs[ref.name], label="[ablation default]")
   rows = {}
   for name, group in variants.items():
-    base_point = _base_of(group)
-    reuse = pipeline.split_digest(configs[base_point.name].data, "pretrain") == default_digest
+    base_point, variant = _base_of(group), world_ablation.BY_NAME[name]
+    reuse = (not variant.base_overrides and
+             pipeline.split_digest(configs[base_point.name].data, "pretrain") == default_digest)
     base = default_base if reuse else runs.run(base_point, configs[base_point.name], label=f"[ablation {name}]")
     models = {"base": report_lib.model_entry(base.metrics)}
     ci = {"base": dict(base.metrics.get("ci", {}))}  # each model's over-queries 95 % intervals (its eval.json)
@@ -181,7 +182,8 @@ def run_world_ablation(runs: StageRunner, *, size: str, overrides: Sequence[str]
         ci[p.labels["method"]] = dict(done.metrics.get("ci", {}))
     rows[name] = {"what": base_point.labels["what"], "base_reused": reuse, "models": models, "ci": ci,
                   "overrides": [o for o in base_point.overrides if o.startswith(_WORLD_KNOB)],
-                  "method_overrides": method_overrides}
+                  "method_overrides": method_overrides, "base_overrides": list(variant.base_overrides),
+                  **({"labels": {"base": variant.base_label}} if variant.base_label else {})}
   return rows
 
 

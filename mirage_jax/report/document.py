@@ -215,18 +215,20 @@ def _ablation_md(rows: Mapping | None) -> str:
     return ("## World-knob ablation\n\nNot run here (`mirage demo --ablations` runs it; see "
             "`benchmarks/RESULTS.md` for the recorded one).\n")
   out = ["## World-knob ablation: which properties the mirage needs", "",
-         "Each variant of the world (or of a method's loss) and the models trained on it, from the variant's own "
-         "base (or the default world's where the pretraining data is identical), training seed 0. Brackets: 95 % "
+         "Each variant of the world (or of a method's loss, or of the base's training data) and the models trained "
+         "on it, from the variant's own base (or the default world's where the pretraining data is identical), "
+         "training seed 0. Brackets: 95 % "
          "bootstrap intervals over the queries of that one run (each eval.json's `ci`), not over seeds.", ""]
   out += [f"- `{name}`: {row['what']}" + (" (the default world's base)" if row["base_reused"] and name != "default"
                                           else "") for name, row in rows.items()]
   out += ["", "| variant | model | " + " | ".join(h for h, _, _ in ABLATION_COLUMNS) + " |",
           "|---|---|" + "---:|" * len(ABLATION_COLUMNS)]
   for name, row in rows.items():
+    labels = {**report_lib.LABELS, **row.get("labels", {})}  # a variant may name its base (`mixed_in_base`)
     for model, entry in report_lib.in_table_order(row["models"]):
       ci = row.get("ci", {}).get(model, {})
       cells = [_with_interval(report_lib.value(entry, *path), ci.get(key)) for _, path, key in ABLATION_COLUMNS]
-      out.append(f"| {name} | {report_lib.LABELS.get(model, model)} | " + " | ".join(cells) + " |")
+      out.append(f"| {name} | {labels.get(model, model)} | " + " | ".join(cells) + " |")
   return "\n".join(out) + "\n"
 
 
