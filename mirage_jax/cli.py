@@ -193,7 +193,8 @@ def _demo(parser: argparse.ArgumentParser, argv: Sequence[str], overrides: Seque
   parser.add_argument("--lora_rank", type=int, default=0,
                       help="train every stage that starts from the base with LoRA of this rank (0 = full)")
   parser.add_argument("--ablations", action="store_true",
-                      help="also run the world-knob ablation (about 20 more minutes on 2 CPU cores)")
+                      help="also run the world-knob ablation: 14 variants, each retraining what it changes (six "
+                           "of them took 51 minutes on 2 CPU cores; --ablation_variants picks some)")
   parser.add_argument("--ablation_variants", default="",
                       help="with --ablations: only these variants of configs/ablations/world.py (comma list; the "
                            "default world is always included)")

@@ -48,8 +48,12 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("vit_norm", None),
     # RMU control vector and other per-width extras
     ("control", None),
-    # LoRA adapters' rank axis (mirage_jax.models.lora): small, replicated
+    # LoRA adapters (mirage_jax.models.lora): the rank axis is small and replicated; the flattened fan-in /
+    # fan-out split over tensor (major, as the kernel's heads / mlp) and fsdp, so that no adapter is whole on
+    # every chip of an fsdp-only pod mesh
     ("lora_rank", None),
+    ("lora_in", ("tensor", "fsdp")),
+    ("lora_out", ("tensor", "fsdp")),
 )
 
 _warned: set[str] = set()

@@ -73,17 +73,20 @@ def test_adapters_are_stacked_named_and_start_as_the_base():
   assert len(adapters) == 14 and all(k.startswith("decoder/layers/") for k in adapters)
   depth, width = on.text.depth, on.text.width
   assert p_on["decoder/layers/attn/q/lora_a"].shape == (depth, width, 4)
-  assert p_on["decoder/layers/attn/q/lora_b"].shape == (depth, 4, on.text.num_heads, on.text.head_dim)
+  assert p_on["decoder/layers/attn/q/lora_b"].shape == (depth, 4, on.text.num_heads * on.text.head_dim)
+  assert p_on["decoder/layers/attn/o/lora_a"].shape == (depth, on.text.num_heads * on.text.head_dim, 4)
   assert p_on["decoder/layers/mlp/down/lora_a"].shape == (depth, on.text.mlp_dim, 4)
   assert not np.any(p_on["decoder/layers/mlp/down/lora_b"]) and np.std(p_on["decoder/layers/mlp/down/lora_a"]) > 0
-  # Logical names and the one rule table: the rank axis is replicated, the rest follows the kernel's axes.
+  # Logical names and the one rule table: the rank axis is replicated, fan-in / fan-out over tensor x fsdp.
   state = nnx.state(nnx.eval_shape(lambda: VLM(on, rngs=nnx.Rngs(0))))
-  a = state["decoder"]["layers"]["attn"]["q"]["lora_a"]
-  assert a.get_metadata()["out_sharding"] == ("layers", "embed", "lora_rank")
+  attn = state["decoder"]["layers"]["attn"]
+  assert attn["q"]["lora_a"].get_metadata()["out_sharding"] == ("layers", "lora_in", "lora_rank")
+  assert attn["q"]["lora_b"].get_metadata()["out_sharding"] == ("layers", "lora_rank", "lora_out")
   mesh = sharding.abstract_mesh({"data": 1, "fsdp": 4, "tensor": 2}, 8)
-  specs = sharding.param_specs(state, mesh)
-  assert tuple(specs["decoder"]["layers"]["attn"]["q"]["lora_a"]) == (None, "fsdp", None)
-  assert tuple(specs["decoder"]["layers"]["attn"]["q"]["lora_b"]) == (None, None, "tensor", None)
+  specs = sharding.param_specs(state, mesh)["decoder"]["layers"]
+  assert width % 8 == 0
+  assert tuple(specs["attn"]["q"]["lora_a"]) == (None, ("tensor", "fsdp"), None)
+  assert tuple(specs["attn"]["q"]["lora_b"]) == (None, None, ("tensor", "fsdp"))
 
 
 def test_adapted_forward_equals_the_merged_kernels():

@@ -83,9 +83,11 @@ def test_merge_is_w_plus_scaled_a_b_per_layer_slice():
                                     ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down"))
   assert hf_convert.flatten(merged).keys() == hf_convert.flatten(base).keys() == hf_convert.param_shapes(
       base_config(cfg)).keys()
-  o = params["decoder"]["layers"]["attn"]["o"]  # [L, H, E, D], lora_a [L, H, E, r], lora_b [L, r, D]
+  o = params["decoder"]["layers"]["attn"]["o"]  # [L, H, E, D], lora_a [L, H * E, r], lora_b [L, r, D]
+  h, e, d = o["kernel"].shape[1:]
   for layer in range(cfg.text.depth):
-    want = o["kernel"][layer] + ALPHA / RANK * np.einsum("her,rd->hed", o["lora_a"][layer], o["lora_b"][layer])
+    a = o["lora_a"][layer].reshape(h, e, RANK)
+    want = o["kernel"][layer] + ALPHA / RANK * np.einsum("her,rd->hed", a, o["lora_b"][layer])
     np.testing.assert_allclose(merged["decoder"]["layers"]["attn"]["o"]["kernel"][layer], want, atol=1e-6)
   assert not np.allclose(merged["decoder"]["layers"]["attn"]["o"]["kernel"], o["kernel"])
   # untouched parameters pass through bit-identically

@@ -493,3 +493,31 @@ def test_an_unexplained_save_error_is_classified_by_the_disk(tmp_path, monkeypat
 def checkpoint_steps(workdir: pathlib.Path) -> set[int]:
   return {int(p.name) for p in (workdir / "checkpoints").iterdir()
           if p.name.isdigit() and (p / "commit_success.txt").exists()}
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_by_name_and_left_in_place(tmp_path):
+  """Resuming (or loading) over a checkpoint written for other shapes, e.g. LoRA adapters saved in the layout
+  before they were flattened, is a CheckpointError naming the parameters; the step is not set aside as
+  corrupt, and a checkpoint of the same shapes still restores."""
+  import jax
+  import numpy as np
+  from mirage_jax.train import checkpoint
+  from mirage_jax.train.state import TrainState
+
+  def state(b_shape):
+    params = {"q": {"kernel": np.ones((4, 2, 3), np.float32), "lora_b": np.zeros(b_shape, np.float32)}}
+    return TrainState(step=np.int32(5), params=params, opt_state={"mu": np.zeros(3, np.float32)},
+                      rng=np.zeros(2, np.uint32), extras={"n": np.zeros((), np.float32)})
+
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", save_every=1, keep=1, async_save=False)
+  ckpt.save(5, state((8, 2, 3)), data={}, meta={}, force=True)
+  ckpt.wait()
+  target = lambda shape: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state(shape))  # noqa: E731
+  with pytest.raises(errors.CheckpointError, match=r"1: q/lora_b: saved \(8, 2, 3\), this model \(8, 6\)"):
+    ckpt.restore_latest_good(target=target((8, 6)))
+  assert (tmp_path / "ckpt" / "5" / "params").is_dir() and not list((tmp_path / "ckpt").glob("5.corrupt-*"))
+  with pytest.raises(errors.CheckpointError, match="q/lora_b: saved"):
+    checkpoint.restore_params(tmp_path / "ckpt", target((8, 6)).params)
+  restored = ckpt.restore_latest_good(target=target((8, 2, 3)))
+  np.testing.assert_array_equal(restored.state.params["q"]["kernel"], np.ones((4, 2, 3)))
+  ckpt.close()

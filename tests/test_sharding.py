@@ -242,6 +242,24 @@ def test_7b_sufficiently_sharded_and_bytes_per_device(abstract):
   assert report.per_device_bytes >= report.total_bytes // 256
 
 
+@pytest.mark.parametrize("size, chips, mesh", [("7b", 256, dict(fsdp=-1)), ("13b", 64, dict(fsdp=16, tensor=4))])
+def test_lora_adapters_are_sharded_on_pod_meshes(size, chips, mesh):
+  """Rank-128 adapters on every decoder linear: none is whole on every chip of the pod meshes the README
+  names (32 heads x 128 head_dim split 256 ways only as one flattened fan-out axis)."""
+  config = configlib.apply_overrides(configlib.load(f"configs/sft/posthoc.py:{size}"), ["--config.lora.rank=128"])
+  cfg = VLMConfig.from_config(config.model, lora=config.lora)
+  state = nnx.state(nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0))))
+  pod = sharding.abstract_mesh(mesh, chips)
+  sharding.assert_sufficiently_sharded(state, pod)
+  specs = flat_specs(sharding.param_specs(state, pod))
+  adapters = {k: s for k, s in specs.items() if k.endswith(("lora_a", "lora_b"))}
+  assert len(adapters) == 14
+  for path, spec in adapters.items():
+    assert any(s is not None for s in spec), path
+  q = adapters["decoder/layers/attn/q/lora_b"]
+  assert q == (P(None, None, "fsdp") if size == "7b" else P(None, None, ("tensor", "fsdp")))
+
+
 def test_replicated_large_params_fail_the_check(abstract, monkeypatch):
   config, state = abstract["7b"]
   mesh = sharding.abstract_mesh(dict(data=1, fsdp=64, tensor=4), 256)

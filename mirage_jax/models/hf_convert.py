@@ -374,14 +374,15 @@ _MODULE_PATHS = (("language_model.model.", "model.language_model."), ("language_
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-  """One LoRA adapter beside the Dense kernel at `kernel` (a '/'-joined path): `a` [*lead, *in, r] and
-  `b` [*lead, r, *out], where `lead` are stacked layer axes (the kernel is [*lead, *in, *out])."""
+  """One LoRA adapter beside the Dense kernel at `kernel` (a '/'-joined path): `a` [*lead, fan_in, r] and
+  `b` [*lead, r, fan_out], where `lead` are stacked layer axes and fan_in / fan_out the products of the
+  kernel's `n_in` input and remaining output axes (the kernel is [*lead, *in, *out])."""
 
   kernel: str
   a: np.ndarray
   b: np.ndarray
   lead: int  # number of leading (stacked) axes
-  n_in: int  # number of input axes
+  n_in: int  # number of the kernel's input axes
 
   @property
   def rank(self) -> int:
@@ -389,17 +390,17 @@ class Adapter:
 
 
 def _adapter(kernel_path: str, w: np.ndarray, a: np.ndarray, b: np.ndarray) -> Adapter:
-  k, na, nb = np.ndim(w), np.ndim(a), np.ndim(b)
-  n_out = k - (na - 1)
-  lead = nb - 1 - n_out
-  n_in = na - 1 - lead
-  ok = (n_out >= 1 and lead >= 0 and n_in >= 1 and a.shape[:-1] == w.shape[:na - 1] and
-        b.shape[:lead] == w.shape[:lead] and b.shape[lead + 1:] == w.shape[na - 1:] and
-        a.shape[-1] == b.shape[lead] >= 1)
-  if not ok:
-    raise ConversionError(f"LoRA adapter of {kernel_path} {tuple(w.shape)} has lora_a {tuple(a.shape)} and "
-                          f"lora_b {tuple(b.shape)}: expected lora_a (*in, r) and lora_b (r, *out), plus any "
-                          "leading layer axes")
+  lead = np.ndim(a) - 2
+  shape = np.shape(w)
+  n_in = None
+  if lead >= 0 and np.ndim(b) == np.ndim(a) and a.shape[:lead] == b.shape[:lead] == shape[:lead] and \
+     a.shape[-1] == b.shape[-2] >= 1:
+    n_in = next((k for k in range(1, len(shape) - lead) if math.prod(shape[lead:lead + k]) == a.shape[-2]
+                 and math.prod(shape[lead + k:]) == b.shape[-1]), None)
+  if n_in is None:
+    raise ConversionError(f"LoRA adapter of {kernel_path} {tuple(shape)} has lora_a {tuple(np.shape(a))} and "
+                          f"lora_b {tuple(np.shape(b))}: expected lora_a (fan_in, r) and lora_b (r, fan_out) "
+                          "over the kernel's input / output axes, plus any leading layer axes")
   return Adapter(kernel=kernel_path, a=np.asarray(a), b=np.asarray(b), lead=lead, n_in=n_in)
 
 

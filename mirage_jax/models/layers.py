@@ -112,8 +112,8 @@ class Dense(nnx.Module):
     y = x_nk @ w.reshape(math.prod(ins), math.prod(outs))
     lora_a = getattr(self, "lora_a", None)  # set by `mirage_jax.models.lora.add_adapters` (LoRA on)
     if lora_a is not None:
-      a_kr = lora_a[...].astype(self.dtype).reshape(math.prod(ins), -1)
-      b_ro = self.lora_b[...].astype(self.dtype).reshape(a_kr.shape[1], math.prod(outs))
+      a_kr = lora_a[...].astype(self.dtype)  # [fan_in, r]
+      b_ro = self.lora_b[...].astype(self.dtype)  # [r, fan_out]
       y = y + jnp.asarray(self.lora_scale, self.dtype) * ((self._adapter_input(x_nk) @ a_kr) @ b_ro)
     y = y.reshape(*lead, *outs)
     if self.bias is not None:

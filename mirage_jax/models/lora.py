@@ -5,10 +5,14 @@ names, and qwix intercepts dot products rather than adding named parameters; nei
 layers (multi-axis kernels such as [D, H, E], stacked along `layers` by `nnx.vmap`, sharded by the logical rule
 table). So the adapters are added here, after the base model is built:
 
-  lora_a  (*in_shape, r)   normal init, std 1 / sqrt(fan_in)   logical names (*in_names, "lora_rank")
-  lora_b  (r, *out_shape)  zeros (the adapted model equals the base at step 0)   ("lora_rank", *out_names)
+  lora_a  (fan_in, r)    normal init, std 1 / sqrt(fan_in)   logical names ("lora_in", "lora_rank")
+  lora_b  (r, fan_out)   zeros (the adapted model equals the base at step 0)   ("lora_rank", "lora_out")
 
-plus the leading `layers` axis on stacked blocks (one adapter per layer slice). A Dense is targeted when its
+plus the leading `layers` axis on stacked blocks (one adapter per layer slice). fan_in / fan_out are the
+products of the kernel's input / output axes (a [D, H, E] query kernel gets lora_b [r, H * E]): PEFT's own 2-D
+layout, and one axis long enough to split over a pod's whole fsdp axis (32 heads or 128 head_dim do not split
+256 ways; 4,096 does). `sharding.LOGICAL_RULES` puts "lora_in" / "lora_out" over tensor x fsdp (tensor major,
+so that after the fsdp all-gather an adapter's output is split over tensor as its kernel's heads / mlp are). A Dense is targeted when its
 kernel path (`decoder/layers/attn/q/kernel`, the same strings as `optim.trainable`) fully matches one of the
 `lora.targets` regexes; a regex that matches no Dense kernel is a ConfigError. Adding the adapters last (from
 keys drawn after every base parameter) leaves the base parameters exactly those of the same seed without LoRA.
@@ -37,6 +41,7 @@ Array = jax.Array
 ADAPTERS = ("lora_a", "lora_b")
 PROJECTOR = "projector"
 RANK = "lora_rank"  # logical axis of the rank dimension (no mesh axis: sharding.LOGICAL_RULES)
+IN, OUT = "lora_in", "lora_out"  # logical axes of the flattened fan-in / fan-out
 
 
 def _path(path: tuple) -> str:
@@ -73,13 +78,14 @@ def add_adapters(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> None:
     lead = 1 if names[0] == "layers" else 0  # stacked by `layers.stacked`
     n_in = dense.in_ndim
     ins, outs = kernel.shape[lead:lead + n_in], kernel.shape[lead + n_in:]
-    head, in_names, out_names = names[:lead], names[lead:lead + n_in], names[lead + n_in:]
-    std = 1.0 / math.sqrt(math.prod(ins))
+    head, stack = names[:lead], kernel.shape[:lead]
+    fan_in, fan_out = math.prod(ins), math.prod(outs)
+    std = 1.0 / math.sqrt(fan_in)
     dtype = kernel.dtype
-    dense.lora_a = layers.param(rngs, nnx.initializers.normal(std), (*kernel.shape[:lead], *ins, cfg.rank),
-                                (*head, *in_names, RANK), dtype)
-    dense.lora_b = layers.param(rngs, nnx.initializers.zeros_init(), (*kernel.shape[:lead], cfg.rank, *outs),
-                                (*head, RANK, *out_names), dtype)
+    dense.lora_a = layers.param(rngs, nnx.initializers.normal(std), (*stack, fan_in, cfg.rank),
+                                (*head, IN, RANK), dtype)
+    dense.lora_b = layers.param(rngs, nnx.initializers.zeros_init(), (*stack, cfg.rank, fan_out),
+                                (*head, RANK, OUT), dtype)
     dense.lora_scale = cfg.scale
     dense.lora_dropout = cfg.dropout  # applied only inside `layers.dropout_key` (the train step)
     dense.lora_id = layers.path_id(path)
@@ -133,12 +139,9 @@ def combine(base: Any, trainable: Any) -> dict:
 
 
 def delta(lora_a: Array, lora_b: Array, kernel_shape: tuple[int, ...], scale: float) -> Array:
-  """scale * A @ B contracted over the rank axis, reshaped to the kernel's shape (stacked or not)."""
-  lead = lora_a.ndim + lora_b.ndim - len(kernel_shape) - 2
-  r = lora_a.shape[-1]
-  stack = lora_a.shape[:lead]
-  a = lora_a.reshape(*stack, -1, r).astype(jnp.float32)
-  b = lora_b.reshape(*stack, r, -1).astype(jnp.float32)
+  """scale * A @ B ([*stack, fan_in, r] @ [*stack, r, fan_out], float32), reshaped to the kernel's shape."""
+  a = jnp.asarray(lora_a).astype(jnp.float32)
+  b = jnp.asarray(lora_b).astype(jnp.float32)
   return (scale * jnp.matmul(a, b)).reshape(kernel_shape)
 
 

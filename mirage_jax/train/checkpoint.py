@@ -109,6 +109,7 @@ class Checkpointer:
     files) is renamed to `<step>.corrupt-<time>` (kept for inspection, out of Orbax's way) with a warning, and the
     previous good step is used. None when no step reads back."""
     for step in sorted(self.all_steps(), reverse=True):
+      _refuse_other_shapes(self.directory / str(step) / "params", target.params)
       try:
         return self.restore(step, target=target)
       except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
@@ -295,6 +296,7 @@ def restore_params(path: str | os.PathLike, target: Any, *, tokenizer: str | Non
   refused: its embedding rows would silently mean different tokens.
   """
   params_dir = find_params_dir(path)
+  _refuse_other_shapes(params_dir, target)
   saved = read_meta(params_dir).get("tokenizer")
   if tokenizer and saved and saved != tokenizer:
     raise CheckpointError(f"{params_dir.parent} was trained with a different tokenizer (vocabulary {saved}, this "
@@ -304,6 +306,35 @@ def restore_params(path: str | os.PathLike, target: Any, *, tokenizer: str | Non
       return ckptr.restore(params_dir, target)
     except (ValueError, KeyError) as e:
       raise CheckpointError(f"parameters in {params_dir} do not match this model config: {e}") from None
+
+
+def shape_mismatches(params_dir: pathlib.Path, target: Any) -> list[str]:
+  """`path: saved (..), this model (..)` for each parameter stored under `params_dir` with another shape than
+  `target`'s; [] when the stored metadata cannot be read (then the restore itself says what is wrong)."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    meta = handler.metadata(pathlib.Path(params_dir))
+  except Exception:  # noqa: BLE001 - unreadable metadata is the restore's to report (or quarantine)
+    return []
+  finally:
+    handler.close()
+  key = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)  # noqa: E731
+  saved = {key(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(meta) if hasattr(m, "shape")}
+  want = {key(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(target)}
+  return [f"{k}: saved {saved[k]}, this model {want[k]}" for k in sorted(saved.keys() & want.keys())
+          if saved[k] != want[k]]
+
+
+def _refuse_other_shapes(params_dir: pathlib.Path, target: Any) -> None:
+  """A checkpoint of another model (another config, or adapters saved in an older layout) is a
+  CheckpointError naming the parameters, not a corrupt checkpoint to set aside."""
+  bad = shape_mismatches(params_dir, target)
+  if bad:
+    raise CheckpointError(f"{params_dir} holds parameters of other shapes than this model's ({len(bad)}: "
+                          f"{'; '.join(bad[:4])}{'; ...' if len(bad) > 4 else ''}). It was written by another "
+                          "config or an older layout (LoRA adapters before 2026-12-07 kept the kernel's axes: "
+                          "lora_b [r, heads, head_dim], now [r, heads x head_dim]); it is left in place. Use "
+                          "the config and mirage_jax version that wrote it, or another workdir.")
 
 
 def host_params(params: Any) -> Any:
