@@ -12,10 +12,12 @@ plus the leading `layers` axis on stacked blocks (one adapter per layer slice). 
 products of the kernel's input / output axes (a [D, H, E] query kernel gets lora_b [r, H * E]): PEFT's own 2-D
 layout, and one axis long enough to split over a pod's whole fsdp axis (32 heads or 128 head_dim do not split
 256 ways; 4,096 does). `sharding.LOGICAL_RULES` puts "lora_in" / "lora_out" over tensor x fsdp (tensor major,
-so that after the fsdp all-gather an adapter's output is split over tensor as its kernel's heads / mlp are). A Dense is targeted when its
-kernel path (`decoder/layers/attn/q/kernel`, the same strings as `optim.trainable`) fully matches one of the
-`lora.targets` regexes; a regex that matches no Dense kernel is a ConfigError. Adding the adapters last (from
-keys drawn after every base parameter) leaves the base parameters exactly those of the same seed without LoRA.
+so that after the fsdp all-gather an adapter's output is split over tensor as its kernel's heads / mlp are).
+
+A Dense is targeted when its kernel path (`decoder/layers/attn/q/kernel`, the same strings as
+`optim.trainable`) fully matches one of the `lora.targets` regexes; a regex that matches no Dense kernel is a
+ConfigError. Adding the adapters last (from keys drawn after every base parameter) leaves the base parameters
+exactly those of the same seed without LoRA.
 
 Parameter trees are pure nested dicts (`nnx.to_pure_dict`). With LoRA on, a run's tree splits into
   base       every parameter but the adapters (frozen; the reference / frozen model of NPO and RMU)

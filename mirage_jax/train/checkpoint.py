@@ -34,6 +34,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from mirage_jax.errors import CheckpointError, MissingFileError, drop_package_frames
 from mirage_jax.train import faults
+from mirage_jax.train.optim import path_str
 from mirage_jax.train.state import TrainState
 
 ITEMS = ("params", "train", "data", "meta")
@@ -318,9 +319,8 @@ def shape_mismatches(params_dir: pathlib.Path, target: Any) -> list[str]:
     return []
   finally:
     handler.close()
-  key = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)  # noqa: E731
-  saved = {key(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(meta) if hasattr(m, "shape")}
-  want = {key(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(target)}
+  saved = {path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(meta) if hasattr(m, "shape")}
+  want = {path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(target)}
   return [f"{k}: saved {saved[k]}, this model {want[k]}" for k in sorted(saved.keys() & want.keys())
           if saved[k] != want[k]]
 
