@@ -198,14 +198,15 @@ def decoders():
   # image features into every <image> token (a real model never produces one; a zero logit never wins).
   params["decoder"]["lm_head"] = params["decoder"]["lm_head"].at[:, IMAGE_ID].set(0.0)
 
-  def make(fn):
+  def make(fn, **gen_kw):
     @jit
     def run(prompts, eos):
-      gen = GenerateConfig(max_new_tokens=NEW_TOKENS, eos_id=eos, pad_id=PAD_ID)
+      gen = GenerateConfig(max_new_tokens=NEW_TOKENS, eos_id=eos, pad_id=PAD_ID, **gen_kw)
       return fn(merge(graphdef, params), prompts=prompts, config=gen)
     return lambda prompts, eos: np.asarray(run(prompts, jnp.int32(eos)))
 
-  return cfg, make(generate), make(generate_by_full_forward)
+  # `generate` on the CPU runs each step from the unstacked blocks; the stacked scan is what TPU / GPU run.
+  return cfg, make(generate), make(generate_by_full_forward), make(generate, unstack_layers=False)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +217,7 @@ def prompts(decoders):
 
 
 def test_kv_cache_decoding_equals_full_forward(decoders, prompts):
-  _, cached_fn, full_fn = decoders
+  _, cached_fn, full_fn, _ = decoders
   cached, full = cached_fn(prompts, -1), full_fn(prompts, -1)
   assert cached.shape == (4, NEW_TOKENS)
   np.testing.assert_array_equal(cached, full)
@@ -245,8 +246,36 @@ def test_continuation_states_equal_a_full_forward_per_pair(prompts, m):
     np.testing.assert_allclose(got[:, r], want, rtol=2e-5, atol=2e-5)
 
 
+def test_decode_steps_from_the_stack_and_from_unstacked_blocks_agree(decoders, prompts):
+  """The scanned stack (TPU / GPU) and the blocks sliced once before the loop (CPU) decode the same tokens,
+  and one decode step gives the same states and cache both ways."""
+  _, cached_fn, full_fn, stacked_fn = decoders
+  assert GenerateConfig(max_new_tokens=1, eos_id=0, pad_id=0).unstack  # the CPU default
+  np.testing.assert_array_equal(stacked_fn(prompts, -1), cached_fn(prompts, -1))
+  np.testing.assert_array_equal(stacked_fn(prompts, -1), full_fn(prompts, -1))
+  cfg = make_cfg(text=dict(depth=3), vision=dict(depth=2))
+  graphdef, params = init(cfg, seed=4)
+  b, s = 2, 7
+  x_btd = jax.random.normal(jax.random.key(0), (b, 1, cfg.text.width))
+  e = cfg.text.head_dim
+  cache = layers.KV(*(jax.random.normal(jax.random.key(i), (3, b, s, cfg.text.num_kv_heads, e)) for i in (1, 2)))
+  step = dict(mask_bts=jnp.ones((b, 1, s), bool), positions_bt=jnp.full((b, 1), 5), cache=cache, cache_index=5)
+
+  def run(unstack):
+    dec = merge(graphdef, params).decoder
+    return dec(x_btd, **step, blocks=dec.unstacked_blocks() if unstack else None)
+  stacked, unstacked = jax.jit(lambda: run(False))(), jax.jit(lambda: run(True))()
+  np.testing.assert_allclose(unstacked.hidden_btd, stacked.hidden_btd, rtol=1e-6, atol=1e-6)
+  for got, want in zip(unstacked.cache, stacked.cache):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(stacked.cache.k[:, :, 5], cache.k[:, :, 5])  # the step wrote its slot
+  dec = merge(graphdef, params).decoder
+  with pytest.raises(ValueError, match="decoder's 3 unstacked blocks"):
+    dec(x_btd, **step, blocks=dec.unstacked_blocks()[:2])
+
+
 def test_kv_cache_decoding_stops_at_eos(decoders, prompts):
-  _, cached_fn, full_fn = decoders
+  _, cached_fn, full_fn, _ = decoders
   n = NEW_TOKENS
   free = cached_fn(prompts, -1)
   # EOS := a token emitted mid-way by some row (not at its first step), preferring one that rows emit at
@@ -270,7 +299,7 @@ def test_kv_cache_decoding_stops_at_eos(decoders, prompts):
 def test_left_padding_does_not_change_decoding_and_early_exit(decoders, prompts):
   """A row decoded alone (no padding) continues identically; with EOS = its first token the loop ends
   after one step and the rest is padding."""
-  _, cached_fn, full_fn = decoders
+  _, cached_fn, full_fn, _ = decoders
   batch = cached_fn(prompts, -1)
   row = 3
   alone = {k: v[row:row + 1, -6:] if k != "images" else v[row:row + 1] for k, v in prompts.items()}

@@ -112,16 +112,26 @@ class Decoder(nnx.Module):
     return jnp.einsum("btd,dv->btv", hidden_btd, self.head_weight().astype(hidden_btd.dtype),
                       preferred_element_type=jnp.float32)
 
+  def unstacked_blocks(self) -> list[DecoderBlock]:
+    """The blocks as separate modules (`layers.unstack`): made once before a decode loop and passed to each
+    step as `blocks`, so that XLA:CPU does not copy every layer's weights out of the stack on every token."""
+    return layers.unstack(self.layers)
+
   def __call__(self, x_btd: Array, *, mask_bts: Array, positions_bt: Array, collect: tuple[int, ...] = (),
                stop_after: int | None = None, cache: layers.KV | None = None,
-               cache_index: Array | None = None, return_cache: bool = False) -> DecoderOutput:
+               cache_index: Array | None = None, return_cache: bool = False,
+               blocks: list[DecoderBlock] | None = None) -> DecoderOutput:
     """Run the blocks. `return_cache` returns every layer's keys/values [L, B, T, K, E] (prefill); with
     `cache` [L, B, S, K, E] given (a decode step), the new keys/values are written at `cache_index` and the
     updated cache is returned.
 
     A decode step carries the cache through the layer scan (`DecoderBlock.decode`): each layer writes its
     T new positions into its slot in place and attends over its layer of the cache. (Scanned in as `xs`
-    and out as `ys`, the whole cache was rewritten for every token.)"""
+    and out as `ys`, the whole cache was rewritten for every token.) With `blocks` (`unstacked_blocks`,
+    a decode step only) the layers run one after the other from those modules instead of the stack."""
+    if blocks is not None and (cache is None or len(blocks) != self.cfg.depth):
+      raise ValueError(f"blocks ({len(blocks)} given) are for a decode step (cache given) and must be the "
+                       f"decoder's {self.cfg.depth} unstacked blocks")
     depth = self.cfg.depth
     for l in (*collect, *(() if stop_after is None else (stop_after,))):
       if not 0 <= l < depth:
@@ -147,6 +157,9 @@ class Decoder(nnx.Module):
         x_btd, kv = layers.run_stack(self.layers, body, x_btd, start=start, stop=stop, remat=self.remat,
                                     unroll=not self.scan_layers)
         kvs.append(kv)
+      elif blocks is not None:
+        for l in range(start, stop):
+          (x_btd, cache, _), _ = decode_body(blocks[l], (x_btd, cache, l), None)
       else:
         (x_btd, cache, _), _ = layers.run_stack(self.layers, decode_body, (x_btd, cache, jnp.int32(start)),
                                                 start=start, stop=stop, remat=self.remat,

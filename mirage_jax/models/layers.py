@@ -280,6 +280,18 @@ def run_stack(stack: nnx.Module, fn: Callable, carry: Any, *, start: int = 0, st
   return jax.lax.scan(body, carry, (state, xs, layer_ids), unroll=bool(unroll))
 
 
+def unstack(stack: nnx.Module) -> list[nnx.Module]:
+  """The blocks of a stacked (`stacked`-created) module as separate modules, each holding its own slice of
+  the weights: static slices, one copy of the stack's weights.
+
+  For a loop that runs the stack many times (a decode loop): XLA:CPU copies the layer's slice of every
+  weight out of the stack each time a scanned (or unrolled) block reads it, a second full read and write of
+  the weights per step. Sliced once before the loop, the blocks read their weights in place."""
+  graphdef, state = nnx.split(stack)
+  n = jax.tree.leaves(state)[0].shape[0]
+  return [nnx.merge(graphdef, jax.tree.map(lambda a, l=l: a[l], state)) for l in range(n)]
+
+
 def _slice_layers(state: nnx.State, start: int, stop: int) -> nnx.State:
   """Layers `start..stop-1` of a stacked state, each slice pinned to its parameter's sharding.
 
