@@ -129,10 +129,10 @@ class Decoder(nnx.Module):
     T new positions into its slot in place and attends over its layer of the cache. (Scanned in as `xs`
     and out as `ys`, the whole cache was rewritten for every token.) With `blocks` (`unstacked_blocks`,
     a decode step only) the layers run one after the other from those modules instead of the stack."""
-    if blocks is not None and (cache is None or len(blocks) != self.cfg.depth):
-      raise ValueError(f"blocks ({len(blocks)} given) are for a decode step (cache given) and must be the "
-                       f"decoder's {self.cfg.depth} unstacked blocks")
     depth = self.cfg.depth
+    if blocks is not None and (cache is None or len(blocks) != depth):
+      raise ValueError(f"blocks ({len(blocks)} given) are for a decode step (cache given) and must be the "
+                       f"decoder's {depth} unstacked blocks")
     for l in (*collect, *(() if stop_after is None else (stop_after,))):
       if not 0 <= l < depth:
         raise ValueError(f"decoder layer {l} out of range: the decoder has {depth} layers (0-based)")

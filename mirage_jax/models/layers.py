@@ -257,7 +257,7 @@ def run_stack(stack: nnx.Module, fn: Callable, carry: Any, *, start: int = 0, st
   hidden state after layer l) and skip unused trailing layers (the ViT's last block under LLaVA).
   """
   graphdef, state = nnx.split(stack)
-  n = jax.tree.leaves(state)[0].shape[0]
+  n = _depth(state)
   stop = n if stop is None else stop
   if not 0 <= start <= stop <= n:
     raise ValueError(f"layer range [{start}, {stop}) outside a stack of {n} layers")
@@ -288,8 +288,12 @@ def unstack(stack: nnx.Module) -> list[nnx.Module]:
   weight out of the stack each time a scanned (or unrolled) block reads it, a second full read and write of
   the weights per step. Sliced once before the loop, the blocks read their weights in place."""
   graphdef, state = nnx.split(stack)
-  n = jax.tree.leaves(state)[0].shape[0]
-  return [nnx.merge(graphdef, jax.tree.map(lambda a, l=l: a[l], state)) for l in range(n)]
+  return [nnx.merge(graphdef, jax.tree.map(lambda a, l=l: a[l], state)) for l in range(_depth(state))]
+
+
+def _depth(state: nnx.State) -> int:
+  """The number of blocks of a stacked state (its leaves' leading `layers` axis)."""
+  return jax.tree.leaves(state)[0].shape[0]
 
 
 def _slice_layers(state: nnx.State, start: int, stop: int) -> nnx.State:
